@@ -1,0 +1,611 @@
+"""Math verifier: extract the final answer in the parent, compare it with math-verify in a killable worker pool.
+
+Extraction (last ``\\boxed{}``/``\\fbox{}``, then the configured fallbacks) is cheap, linear and runs in the
+caller's thread. The comparison (math-verify's ``parse`` + ``verify``, i.e. sympy) can take unbounded time on
+adversarial answers, so it runs in worker processes: each worker arms its own interval timer (a soft timeout that
+keeps the worker alive), and the parent gives up ``kill_grace_s`` later, SIGKILLs the worker and starts a
+replacement. ``concurrent.futures.ProcessPoolExecutor`` is not used because it cannot kill one stuck worker.
+
+Only tuples of str/float cross the process boundary, JSON-encoded over pipes (no pickles of our own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import logging
+import multiprocessing
+import queue
+import re
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext, SpawnContext
+from multiprocessing.process import BaseProcess
+from types import FrameType
+from typing import Literal
+
+from reward_service.verifiers.base import Status, VerifyResult
+
+logger = logging.getLogger(__name__)
+
+KNOWN_FALLBACKS = ("answer_line", "hashes")
+_BOX_MARKERS = ("\\boxed", "\\fbox")
+# One token per escaped character or brace: linear, no backtracking, and `\{` / `\}` never count as braces.
+_BRACE_EVENTS = re.compile(r"\\.|[{}]", re.DOTALL)
+_OPENERS = frozenset("{([")
+_CLOSERS = frozenset("})]")
+_POLL_S = 0.5
+# First comparisons of each kind fill sympy's caches (up to ~0.8 s each); paying that at worker start keeps it out
+# of the first real items' latency and timeout.
+_WARM_UP = (("\\frac{1}{2}", "0.5"), ("2\\sqrt{2}", "\\sqrt{10}"), ("[1, 2)", "(1, 2]"), ("x^2+1", "(x+1)^2"))
+
+
+@dataclass(frozen=True, slots=True)
+class MathVerifyOptions:
+    """How answers are extracted and compared; the defaults suit chain-of-thought responses of up to ~50k tokens."""
+
+    fallbacks: tuple[str, ...] = KNOWN_FALLBACKS
+    """Tried in order without a closed box: ``answer_line`` (last ``Answer:`` line), ``hashes`` (``#### 42``)."""
+    max_response_chars: int = 200_000
+    """Longer responses keep only their LAST this-many characters for extraction (the final answer is at the end)."""
+    max_answer_chars: int = 1_000
+    """An extracted answer longer than this is ``unparsable`` without being sent to a worker."""
+    max_gold_chars: int = 1_000
+    """A gold answer longer than this is ``unparsable`` (a data problem, reported in ``detail``)."""
+    max_bracket_depth: int = 64
+    """Answers or golds nested deeper (``{([`` together) are ``unparsable``: the LaTeX parser recurses per level."""
+    timeout_s: float = 5.0
+    """Default per-item budget of the comparison, counted from when a warm worker receives the item."""
+    kill_grace_s: float = 1.0
+    """How long after ``timeout_s`` the parent waits for the worker's own soft timeout before killing it."""
+    float_rounding: int = 6
+    """math-verify ``float_rounding``: decimal places floats are rounded to before comparison."""
+    numeric_precision: int = 15
+    """math-verify ``numeric_precision``: significant digits of numeric evaluation."""
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.fallbacks if name not in KNOWN_FALLBACKS]
+        if unknown:
+            raise ValueError(f"unknown math fallbacks {unknown}: use a subset of {KNOWN_FALLBACKS}")
+        for name in ("max_response_chars", "max_answer_chars", "max_gold_chars", "max_bracket_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.timeout_s <= 0 or self.kill_grace_s <= 0:
+            raise ValueError("timeout_s and kill_grace_s must be > 0 seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class Extraction:
+    """The final answer found in a response: ``answer`` is None when there is none, ``problem`` says why."""
+
+    answer: str | None
+    source: str = ""
+    problem: str = ""
+
+
+# ---- Extraction (parent side, pure functions)
+
+
+def extract_answer(response: str, options: MathVerifyOptions | None = None) -> Extraction:
+    """Find the final answer: the last closed ``\\boxed{...}``/``\\fbox{...}``, else the enabled fallbacks."""
+    opts = options or MathVerifyOptions()
+    text = response[-opts.max_response_chars :] if len(response) > opts.max_response_chars else response
+    answer, problem = _last_box(text)
+    source = "boxed"
+    if answer is None:
+        for name in opts.fallbacks:
+            answer = _FALLBACK_EXTRACTORS[name](text)
+            if answer is not None:
+                source = name
+                break
+    if answer is None:
+        return Extraction(None, "", problem or "no \\boxed{} answer and no fallback matched")
+    answer = _strip_delimiters(answer)
+    if not answer:
+        return Extraction(None, source, f"empty {source} answer")
+    return Extraction(answer, source)
+
+
+def _last_box(text: str) -> tuple[str | None, str]:
+    """Body of the last box marker that opens a box; an unclosed last box yields no answer (a truncated response)."""
+    # One cached position per marker, so each marker's rfind scans every character once in total.
+    positions = {marker: text.rfind(marker) for marker in _BOX_MARKERS}
+    while True:
+        marker = max(positions, key=lambda m: positions[m])
+        start = positions[marker]
+        if start < 0:
+            return None, ""
+        body, is_box = _box_body(text, start + len(marker))
+        if is_box:
+            if body is None:
+                return None, f"the last {marker}{{ is never closed"
+            return body, ""
+        positions[marker] = text.rfind(marker, 0, start)
+
+
+def _box_body(text: str, after: int) -> tuple[str | None, bool]:
+    """Parse what follows a box marker: ``{...}`` (balanced) or ``\\boxed 5``; ``is_box`` False for ``\\boxedx``."""
+    i = after
+    while i < len(text) and text[i] in " \t":
+        i += 1
+    if i < len(text) and text[i] == "{":
+        close = _matching_brace(text, i)
+        return (text[i + 1 : close] if close >= 0 else None), True
+    if i == after or i >= len(text):
+        return None, False
+    end = i
+    while end < len(text) and not text[end].isspace() and text[end] != "$":
+        end += 1
+    return text[i:end], True
+
+
+def _matching_brace(text: str, open_at: int) -> int:
+    """Index of the brace that closes ``text[open_at]``, or -1 when it is never closed."""
+    depth = 0
+    for match in _BRACE_EVENTS.finditer(text, open_at):
+        token = match.group()
+        if token == "{":
+            depth += 1
+        elif token == "}":
+            depth -= 1
+            if depth == 0:
+                return match.start()
+    return -1
+
+
+def _answer_line(text: str) -> str | None:
+    """Rest of the line after the last ``Answer:`` (any of three casings; ``**Answer:**`` included)."""
+    # rfind per casing rather than text.lower(): lowering can change string length and thus indices.
+    hits = [(text.rfind(key), key) for key in ("Answer:", "answer:", "ANSWER:")]
+    start, key = max(hits)
+    if start < 0:
+        return None
+    return _rest_of_line(text, start + len(key))
+
+
+def _hashes(text: str) -> str | None:
+    """Rest of the line after the last GSM8K ``####`` marker."""
+    start = text.rfind("####")
+    if start < 0:
+        return None
+    return _rest_of_line(text, start + 4).lstrip("#")
+
+
+def _rest_of_line(text: str, start: int) -> str:
+    end = text.find("\n", start)
+    return text[start : end if end >= 0 else len(text)]
+
+
+_FALLBACK_EXTRACTORS: dict[str, Callable[[str], str | None]] = {"answer_line": _answer_line, "hashes": _hashes}
+
+
+def _strip_delimiters(answer: str) -> str:
+    """Drop markdown emphasis, math delimiters and a sentence's final period around an answer."""
+    text = answer.strip().lstrip("*$ \t").rstrip("*$. \t")
+    for left, right in (("\\(", "\\)"), ("\\[", "\\]")):
+        if text.startswith(left) and text.endswith(right):
+            text = text[len(left) : -len(right)].strip().rstrip(".").strip()
+    return text
+
+
+def shape_problem(text: str, what: str, max_chars: int, max_depth: int) -> str | None:
+    """Why ``text`` is too large to hand to the parser (length or bracket depth), or None when it is fine."""
+    if len(text) > max_chars:
+        return f"{what} has {len(text)} characters, more than the cap of {max_chars}"
+    depth = deepest = 0
+    for char in text:
+        if char in _OPENERS:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in _CLOSERS:
+            depth -= 1
+    if deepest > max_depth:
+        return f"{what} nests brackets {deepest} deep, more than the cap of {max_depth}"
+    return None
+
+
+def _gold_answer(gold: str) -> str:
+    """A gold written as ``\\boxed{x}`` or ``$x$`` is reduced to ``x``; a bare answer is kept as is."""
+    body, _ = _last_box(gold)
+    return _strip_delimiters(body if body is not None else gold)
+
+
+# ---- Worker process side
+
+
+class _SoftTimeout(BaseException):
+    """Raised by the worker's interval timer; a BaseException so math-verify's ``except Exception`` lets it pass."""
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    raise _SoftTimeout
+
+
+def _encode(*fields: str | float) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def _decode(data: bytes) -> list[str | float]:
+    fields = json.loads(data)
+    if not isinstance(fields, list) or not fields:
+        raise ValueError("malformed pool message")
+    return fields
+
+
+def _parse_answer(text: str, boxed_first: bool) -> list[object]:
+    """math-verify parse of ``text``, trying it wrapped in ``\\boxed{}`` and raw, in the given order."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    candidates = ["\\boxed{" + text + "}", text]
+    for candidate in candidates if boxed_first else candidates[::-1]:
+        # parsing_timeout=None: math-verify's own signal.alarm would fight ours; our timer bounds the call.
+        parsed = parse(candidate, config, fallback_mode="no_fallback", parsing_timeout=None)
+        if parsed:
+            return list(parsed)
+    return []
+
+
+def _compare(answer: str, source: str, gold: str, rounding: int, precision: int) -> tuple[str, str]:
+    """Status and detail of one comparison, without any time bound."""
+    from math_verify import verify
+
+    gold_parsed = _parse_answer(gold, boxed_first=True)
+    if not gold_parsed:
+        return Status.UNPARSABLE.value, "gold answer is not parsable by math-verify"
+    # Boxed answers are LaTeX; fallback lines are prose, where math-verify's own extraction does better raw.
+    answer_parsed = _parse_answer(answer, boxed_first=source == "boxed")
+    if not answer_parsed:
+        return Status.UNPARSABLE.value, "answer is not parsable by math-verify"
+    same = verify(
+        gold_parsed, answer_parsed, float_rounding=rounding, numeric_precision=precision, timeout_seconds=None
+    )
+    return (Status.CORRECT.value if same else Status.WRONG.value), ""
+
+
+def _compare_within(request: list[str | float], rounding: int, precision: int) -> tuple[str, str]:
+    """Run one comparison under the worker's soft timeout; never raises."""
+    _, answer, source, gold, timeout_s = request
+    try:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, float(timeout_s))
+            return _compare(str(answer), str(source), str(gold), rounding, precision)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _SoftTimeout:
+        return Status.TIMEOUT.value, f"comparison exceeded {float(timeout_s):g} s (soft timeout)"
+    except Exception as exc:  # deliberately tolerated: reported as status error, counted by the service
+        return Status.ERROR.value, f"math worker raised {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _worker_main(conn: Connection, rounding: int, precision: int, memory_limit_mb: int) -> None:
+    """Worker process body: warm up, say ready, then answer requests until told to stop or the parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes the pool
+    signal.signal(signal.SIGALRM, _on_alarm)
+    if memory_limit_mb > 0:
+        limit = memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every timeout we configure away
+    for answer, gold in _WARM_UP:
+        _compare(answer, "boxed", gold, rounding, precision)
+    conn.send_bytes(_encode("ready"))
+    while True:
+        try:
+            request = _decode(conn.recv_bytes())
+        except EOFError:
+            return
+        if request[0] != "verify":
+            return
+        conn.send_bytes(_encode(*_compare_within(request, rounding, precision)))
+
+
+# ---- Parent side: the pool
+
+
+def _result(status: Status, extracted: str | None, detail: str = "") -> VerifyResult:
+    return VerifyResult(
+        status=status, score=1.0 if status is Status.CORRECT else 0.0, extracted=extracted, detail=detail
+    )
+
+
+def _done(result: VerifyResult) -> Future[VerifyResult]:
+    future: Future[VerifyResult] = Future()
+    future.set_result(result)
+    return future
+
+
+@dataclass(slots=True)
+class _Job:
+    answer: str
+    source: str
+    gold: str
+    timeout_s: float
+    future: Future[VerifyResult]
+
+
+def _fail(job: _Job, detail: str) -> None:
+    if job.future.set_running_or_notify_cancel():
+        job.future.set_result(_result(Status.ERROR, job.answer, detail))
+
+
+class _Slot:
+    """One worker process, its pipe, and the thread that feeds it jobs and replaces it when it dies or hangs."""
+
+    def __init__(self, pool: MathVerifier, index: int) -> None:
+        self._pool = pool
+        self.index = index
+        self.process: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"math-verifier-slot-{index}", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while not self._pool.closed:
+                if not self._ensure_worker():
+                    if not self._pool.closed:
+                        self._fail_next_job("math worker failed to start")
+                    continue
+                job = self._pool.take_job()
+                if job is None or not job.future.set_running_or_notify_cancel():
+                    continue
+                job.future.set_result(self._run_job(job))
+        finally:
+            self._stop_worker()
+
+    def _ensure_worker(self) -> bool:
+        """Start (or restart) the worker unless a live one is attached; True once it reported ready."""
+        if self.process is not None and self.process.is_alive():
+            return True
+        if self.process is not None:
+            logger.warning("math worker %s died while idle (exit code %s)", self.pid, self._discard_worker())
+        parent_conn, child_conn = self._pool.context.Pipe(duplex=True)
+        process = self._pool.context.Process(
+            target=_worker_main, args=(child_conn, *self._pool.worker_args), name=f"math-worker-{self.index}"
+        )
+        process.daemon = True
+        process.start()
+        child_conn.close()
+        self.process, self._conn = process, parent_conn
+        self._pool.count_start()
+        if self._await_ready(parent_conn):
+            self.ready.set()
+            return True
+        if not self._pool.closed:
+            logger.error("math worker %s not ready within %.0f s", process.pid, self._pool.start_timeout_s)
+        self._kill_worker()
+        return False
+
+    def _await_ready(self, conn: Connection) -> bool:
+        """Wait for the worker's warm-up message, giving up early when the pool closes."""
+        deadline = time.monotonic() + self._pool.start_timeout_s
+        try:
+            while not self._pool.closed and time.monotonic() < deadline:
+                if conn.poll(_POLL_S):
+                    return _decode(conn.recv_bytes()) == ["ready"]
+        except (EOFError, OSError, ValueError):
+            pass
+        return False
+
+    def _run_job(self, job: _Job) -> VerifyResult:
+        assert self._conn is not None, "a job runs only on a ready worker"
+        deadline = job.timeout_s + self._pool.options.kill_grace_s
+        try:
+            self._conn.send_bytes(_encode("verify", job.answer, job.source, job.gold, job.timeout_s))
+            if self._conn.poll(deadline):
+                status, detail = _decode(self._conn.recv_bytes())
+                return _result(Status(str(status)), job.answer, str(detail))
+        except (EOFError, OSError, ValueError) as exc:  # a dead worker, or a reply that is not (status, detail)
+            exit_code = self._kill_worker()
+            return _result(Status.ERROR, job.answer, f"math worker failed (exit code {exit_code}): {exc!r}")
+        logger.warning("math worker %s gave no reply within %.1f s; killing it", self.pid, deadline)
+        self._kill_worker()
+        return _result(Status.TIMEOUT, job.answer, f"no reply within {deadline:g} s: worker killed and replaced")
+
+    def _fail_next_job(self, detail: str) -> None:
+        """Resolve one waiting job with ``error`` so callers never wait on a pool that cannot start workers."""
+        job = self._pool.take_job()
+        if job is not None:
+            _fail(job, detail)
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the attached worker, if any."""
+        return self.process.pid if self.process is not None else None
+
+    def _kill_worker(self) -> int | None:
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+        return self._discard_worker()
+
+    def _discard_worker(self) -> int | None:
+        """Reap and forget the worker; returns its exit code (None if it could not be reaped)."""
+        self.ready.clear()
+        exit_code = None
+        if self.process is not None:
+            self.process.join(timeout=5.0)
+            exit_code = self.process.exitcode
+            if exit_code is not None:
+                self.process.close()
+        if self._conn is not None:
+            self._conn.close()
+        self.process, self._conn = None, None
+        return exit_code
+
+    def _stop_worker(self) -> None:
+        """Ask the worker to exit, and kill it if it does not within a second."""
+        if self._conn is not None and self.process is not None and self.process.is_alive():
+            try:
+                self._conn.send_bytes(_encode("stop"))
+                self.process.join(timeout=1.0)
+            except OSError:
+                pass
+        self._kill_worker()
+
+
+class MathVerifier:
+    """A pool of math-verify worker processes with a hard per-item timeout; thread-safe, close() when done."""
+
+    def __init__(
+        self,
+        options: MathVerifyOptions | None = None,
+        num_workers: int = 2,
+        max_pending: int = 1024,
+        start_method: Literal["forkserver", "spawn"] = "forkserver",
+        start_timeout_s: float = 60.0,
+        memory_limit_mb: int = 2048,
+    ) -> None:
+        if num_workers < 1 or max_pending < 1:
+            raise ValueError("num_workers and max_pending must be >= 1")
+        self.options = options or MathVerifyOptions()
+        self.start_timeout_s = start_timeout_s
+        self.context: ForkServerContext | SpawnContext
+        if start_method == "forkserver":
+            self.context = multiprocessing.get_context("forkserver")
+            # Workers forked from a server that already imported sympy start fast, which keeps the replacement
+            # of a killed worker cheap. Ignored when this process's forkserver already runs.
+            self.context.set_forkserver_preload(["math_verify"])
+        else:
+            self.context = multiprocessing.get_context("spawn")
+        self.worker_args = (self.options.float_rounding, self.options.numeric_precision, memory_limit_mb)
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._capacity = threading.BoundedSemaphore(max_pending)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._starts = 0
+        self._slots = [_Slot(self, index) for index in range(num_workers)]
+        for slot in self._slots:
+            slot.thread.start()
+
+    @property
+    def closed(self) -> bool:
+        """True once close() was called."""
+        return self._closed
+
+    @property
+    def worker_restarts(self) -> int:
+        """Workers started beyond the initial ones (kills, crashes, failed starts): a metric for the service."""
+        with self._lock:
+            return max(0, self._starts - len(self._slots))
+
+    def count_start(self) -> None:
+        """Called by a slot each time it starts a worker process."""
+        with self._lock:
+            self._starts += 1
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the workers that are currently ready."""
+        return [pid for slot in self._slots if slot.ready.is_set() and (pid := slot.pid) is not None]
+
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        """Block until every worker has warmed up (or the timeout passes); True when all are ready."""
+        return all(slot.ready.wait(timeout_s) for slot in self._slots)
+
+    def take_job(self) -> _Job | None:
+        """Next queued job for a slot, or None after a short wait (so slots notice close() and dead workers)."""
+        try:
+            job = self._jobs.get(timeout=_POLL_S)
+        except queue.Empty:
+            return None
+        if job is not None:
+            self._capacity.release()
+        return job
+
+    def submit(
+        self, response: str, gold: str, timeout_s: float | None = None, *, block: bool = True
+    ) -> Future[VerifyResult]:
+        """Extract the answer now and queue its comparison; queue.Full when the queue is full and block is False."""
+        if self._closed:
+            raise RuntimeError("MathVerifier is closed")
+        opts = self.options
+        extraction = extract_answer(response, opts)
+        if extraction.answer is None:
+            return _done(_result(Status.NO_ANSWER, None, extraction.problem))
+        answer = extraction.answer
+        problem = shape_problem(answer, "answer", opts.max_answer_chars, opts.max_bracket_depth)
+        gold_text = _gold_answer(gold)
+        problem = problem or shape_problem(gold_text, "gold answer", opts.max_gold_chars, opts.max_bracket_depth)
+        if problem is not None:
+            return _done(_result(Status.UNPARSABLE, None if len(answer) > opts.max_answer_chars else answer, problem))
+        if not self._capacity.acquire(blocking=block):
+            raise queue.Full("math verifier queue is full")
+        budget_s = opts.timeout_s if timeout_s is None else timeout_s
+        if budget_s <= 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {budget_s}")
+        job = _Job(answer, extraction.source, gold_text, budget_s, Future())
+        with self._lock:
+            if self._closed:
+                self._capacity.release()
+                raise RuntimeError("MathVerifier is closed")
+            self._jobs.put(job)
+        return job.future
+
+    def verify(self, response: str, gold: str, timeout_s: float | None = None) -> VerifyResult:
+        """Verify one response against its gold answer, blocking the calling thread."""
+        return self.submit(response, gold, timeout_s).result()
+
+    async def averify(self, response: str, gold: str, timeout_s: float | None = None) -> VerifyResult:
+        """Verify without blocking the event loop (the short extraction runs inline)."""
+        try:
+            future = self.submit(response, gold, timeout_s, block=False)
+        except queue.Full:
+            future = await asyncio.to_thread(self.submit, response, gold, timeout_s)
+        return await asyncio.wrap_future(future)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the workers (asking first, then SIGKILL) and fail every job still queued with ``error``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for _ in self._slots:
+            self._jobs.put(None)
+        for slot in self._slots:
+            slot.thread.join(timeout_s)
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._capacity.release()
+                _fail(job, "math verifier closed before this item ran")
+
+    def __enter__(self) -> MathVerifier:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+_default_verifier: MathVerifier | None = None
+_default_lock = threading.Lock()
+
+
+def default_verifier() -> MathVerifier:
+    """The process-wide verifier behind verify_math(), created on first use and closed at interpreter exit."""
+    global _default_verifier
+    with _default_lock:
+        if _default_verifier is None or _default_verifier.closed:
+            _default_verifier = MathVerifier()
+            atexit.register(_default_verifier.close)
+        return _default_verifier
+
+
+def close_default_verifier() -> None:
+    """Close the process-wide verifier if one was created (the next verify_math() call creates a new one)."""
+    with _default_lock:
+        if _default_verifier is not None:
+            _default_verifier.close()
+
+
+def verify_math(response: str, gold: str, timeout_s: float = 5.0) -> VerifyResult:
+    """Verify ``response``'s final answer against ``gold`` on the process-wide default worker pool."""
+    return default_verifier().verify(response, gold, timeout_s)
