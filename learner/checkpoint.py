@@ -1,0 +1,277 @@
+"""Learner checkpoints: HF safetensors weights, optimizer, scheduler, RNG and trainer state, written atomically.
+
+Layout under the checkpoint root::
+
+    step-000010/                 complete checkpoints only (the name appears by one atomic rename)
+        config.json, model.safetensors (or shards + index), tokenizer files when given
+        optimizer.pt, scheduler.pt, rng.pt
+        trainer_state.json       written last; {"step": ..., plus the caller's state}
+    latest                       text file naming the newest complete folder, replaced by rename
+    .tmp-step-000020/            a save in progress, or the leftover of a crash: ignored, removed by the next save
+
+A crash at any point leaves either the previous checkpoint or the new one as `latest`, never a partial folder.
+Deleting a folder (pruning, replacing a step) first renames it to a `.tmp-` name, so a crash mid-delete leaves
+only ignored debris. The `.pt` files are our own, never cross a trust boundary, and load with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+logger = logging.getLogger(__name__)
+
+STEP_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+LATEST_FILE = "latest"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng.pt"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+_STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Folder name of the checkpoint of `step` (zero-padded so names sort like steps)."""
+    return f"{STEP_PREFIX}{step:06d}"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            _fsync_path(path)
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        _fsync_path(path)
+    _fsync_path(folder)
+
+
+def _discard(folder: Path) -> None:
+    """Delete a folder crash-safely: rename it out of the step-* namespace first, then remove it."""
+    trash = folder.with_name(f"{TMP_PREFIX}discard-{folder.name}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.rename(folder, trash)
+    _fsync_path(folder.parent)
+    shutil.rmtree(trash)
+
+
+def _is_complete(folder: Path) -> bool:
+    return _STEP_RE.match(folder.name) is not None and (folder / STATE_FILE).is_file()
+
+
+def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoint folders under root, sorted by step."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_RE.match(path.name)
+        if match and path.is_dir() and _is_complete(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        # numpy's key array is stored as a tensor so that weights_only loading accepts it
+        "numpy": {
+            "bit_generator": numpy_state["bit_generator"],
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    saved = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": saved["bit_generator"],
+            "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
+            "has_gauss": saved["has_gauss"],
+            "gauss": saved["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        if len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            logger.warning(
+                "CUDA RNG state not restored: saved for %d devices, %d present",
+                len(state["cuda"]),
+                torch.cuda.device_count(),
+            )
+
+
+def _write_latest(root: Path, folder_name: str) -> None:
+    tmp = root / f"{TMP_PREFIX}{LATEST_FILE}"
+    with tmp.open("w") as handle:
+        handle.write(folder_name + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, root / LATEST_FILE)
+    _fsync_path(root)
+
+
+def _clean_leftovers(root: Path) -> None:
+    for path in root.iterdir():
+        if path.name.startswith(TMP_PREFIX):
+            logger.warning("removing %s, left over from an interrupted checkpoint write", path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def _prune(root: Path, keep: int, just_written: Path) -> None:
+    """Keep the folder just written plus the keep - 1 highest other steps."""
+    others = [path for _, path in _complete_checkpoints(root) if path != just_written]
+    for path in others[: max(0, len(others) - (keep - 1))]:
+        logger.info("pruning checkpoint %s", path)
+        _discard(path)
+
+
+def _write_contents(
+    folder: Path, model: Any, optimizer: Any, scheduler: Any, tokenizer: Any, rng: dict[str, Any], state_json: str
+) -> None:
+    model.save_pretrained(folder)  # safetensors is the default serialisation (and the only one in transformers 5)
+    if not (folder / WEIGHTS_FILE).is_file() and not (folder / WEIGHTS_INDEX_FILE).is_file():
+        raise RuntimeError(f"save_pretrained wrote no safetensors weights into {folder}")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), folder / SCHEDULER_FILE)
+    torch.save(rng, folder / RNG_FILE)
+    # Last file written: a step-* folder without it is not a checkpoint
+    (folder / STATE_FILE).write_text(state_json)
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, Any],
+    tokenizer: Any = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` under root atomically, point `latest` at it, prune to `keep`; return its folder.
+
+    `model` is an unwrapped Hugging Face model (under FSDP, gather the full state first and save on one rank);
+    `state` is JSON-able (step and version, feeder position, used prompt ids, ...).
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if "step" in state and state["step"] != step:
+        raise ValueError(f"state['step']={state['step']} disagrees with step={step}")
+    # Serialise first: a state that is not JSON-able fails before anything touches the disk
+    state_json = json.dumps({**state, "step": step}, indent=2, sort_keys=True, allow_nan=False)
+    # Taken before any work, so the states restored on resume are those the training loop stood at
+    rng = _rng_state()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(root)
+    name = checkpoint_dir_name(step)
+    tmp = root / f"{TMP_PREFIX}{name}"
+    tmp.mkdir()
+    _write_contents(tmp, model, optimizer, scheduler, tokenizer, rng, state_json)
+    _fsync_tree(tmp)
+    final = root / name
+    if final.exists():
+        logger.warning("replacing existing checkpoint %s", final)
+        _discard(final)
+    os.rename(tmp, final)
+    _fsync_path(root)
+    _write_latest(root, name)
+    _prune(root, keep, final)
+    logger.info("checkpoint written: %s", final)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under root: the one `latest` names, else the highest complete step, else None."""
+    root = Path(root)
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if named.parent == root and _is_complete(named):
+            return named
+        logger.warning("%s names %s, which is not a complete checkpoint; scanning %s", pointer, named, root)
+    found = _complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The policy weights of a checkpoint folder as a state dict (safetensors, single file or sharded), on CPU."""
+    path = Path(path)
+    index = path / WEIGHTS_INDEX_FILE
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weights: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            weights.update(load_file(path / shard, device="cpu"))
+        return weights
+    if not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{path} holds no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}")
+    return load_file(path / WEIGHTS_FILE, device="cpu")
+
+
+def _load_into_model(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint has weights the model does not: {sorted(unexpected)[:5]}")
+    # save_pretrained drops tied copies (lm_head.weight tied to the embeddings): those may be missing, nothing else
+    params = model.state_dict()
+    loaded = {params[k].data_ptr() for k in weights if k in params}
+    untied = [k for k in missing if params[k].data_ptr() not in loaded]
+    if untied:
+        raise ValueError(f"checkpoint lacks weights of the model: {sorted(untied)[:5]}")
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None) -> dict[str, Any]:
+    """Restore model weights, optimizer, scheduler and RNG states from a checkpoint folder; return its trainer state."""
+    path = Path(path)
+    if not _is_complete(path):
+        raise ValueError(f"{path} is not a complete checkpoint folder (step-NNNNNN with {STATE_FILE})")
+    _load_into_model(model, load_model_weights(path))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+    _set_rng_state(torch.load(path / RNG_FILE, map_location="cpu", weights_only=True))
+    state: dict[str, Any] = json.loads((path / STATE_FILE).read_text())
+    return state
