@@ -1,0 +1,201 @@
+"""The reward service's HTTP app: ``/health``, ``/metrics`` and ``POST /v1/score``; it also runs the stream worker.
+
+``create_app(cfg)`` holds no module-level state: the verifier pool, the Redis client and the worker live in the
+app's lifespan. ``POST /v1/score`` scores one group through the same code path as the worker (verifiers, the fit
+in force, reallocation) without adding ad-hoc groups to the training window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from reward_service.metrics import RewardMetrics
+from reward_service.scoring import CLOSED_FIT, FitStamp, score_group
+from reward_service.verify import Verifiers
+from reward_service.worker import RewardWorker
+from services.api_models import HealthResponse, ScoreRequest, ScoreResponse
+from services.config import RunConfig
+from services.http import bearer_auth, read_body
+from services.metrics import metrics_asgi_app
+from services.protocol import PromptTask, ProtocolError, Response, RolloutGroup, SamplingParams, ScoredGroup
+from services.streams import connect
+
+log = logging.getLogger(__name__)
+
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
+_HEALTH_TASK = PromptTask(
+    prompt_id="health",
+    task_kind="math",
+    messages=[{"role": "user", "content": "What is 2 + 2?"}],
+    ground_truth="4",
+    n=2,
+    sampling=SamplingParams(max_new_tokens=16),
+)
+
+
+def _health_group() -> RolloutGroup:
+    texts = ["2 + 2 = \\boxed{4}", "\\boxed{5}"]
+    responses = [
+        Response(np.array([1, 2], np.uint32), np.array([-0.1, -0.2], np.float32), t, "stop", 0, 0) for t in texts
+    ]
+    return RolloutGroup(_HEALTH_TASK, np.array([1], np.uint32), responses, "health", time.time(), 0.0)
+
+
+def request_to_group(body: ScoreRequest) -> RolloutGroup:
+    """Turn a JSON score request into the stream message the worker would have read (validated)."""
+    task = body.task
+    group = RolloutGroup(
+        task=PromptTask(
+            prompt_id=task.prompt_id,
+            task_kind=task.task_kind,
+            messages=[turn.model_dump() for turn in task.messages],
+            ground_truth=task.ground_truth,
+            n=len(body.responses),
+            sampling=SamplingParams(**task.sampling.model_dump()),
+            tools=task.tools,
+            category=task.category,
+        ),
+        prompt_token_ids=np.zeros(0, np.uint32),
+        responses=[
+            Response(
+                token_ids=np.asarray(r.token_ids, dtype=np.int64).astype(np.uint32),
+                logprobs=np.asarray(r.logprobs, dtype=np.float32),
+                text=r.text,
+                finish_reason=r.finish_reason,
+                version_first=r.version,
+                version_last=r.version,
+            )
+            for r in body.responses
+        ],
+        worker_id="http",
+        generated_at=time.time(),
+        gen_seconds=0.0,
+    )
+    if any(np.any(np.asarray(r.token_ids) < 0) or np.any(np.asarray(r.token_ids) >= 2**32) for r in body.responses):
+        raise ProtocolError("response.token_ids: values must be in [0, 2**32)")
+    group.validate()
+    return group
+
+
+def scored_to_response(scored: ScoredGroup) -> ScoreResponse:
+    """The JSON view of a scored group (NaN and infinities become null)."""
+
+    def finite(x: float) -> float | None:
+        return float(x) if math.isfinite(x) else None
+
+    return ScoreResponse(
+        prompt_id=scored.rollout.task.prompt_id,
+        status=scored.status,
+        correct=[bool(c) for c in scored.correct],
+        reward=[float(r) for r in scored.reward],
+        realloc_reward=[float(r) for r in scored.realloc_reward],
+        perplexity=[finite(float(p)) for p in scored.perplexity],
+        group_kind=scored.group_kind,
+        action=scored.action,
+        tau=finite(scored.tau),
+        gate_open=scored.gate_open,
+        signal=scored.signal,
+    )
+
+
+def create_app(cfg: RunConfig, *, run_worker: bool = True) -> FastAPI:
+    """Build the reward service: verifier pool + Redis client + stream worker in the lifespan, and the routes."""
+    if cfg.redis.url is None:
+        raise ValueError("the reward service needs redis.url (dipo run sets it; or DIPO_REDIS__URL=redis://...)")
+    metrics = RewardMetrics()
+    server = cfg.reward.server
+    auth = bearer_auth(server.api_token)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        verifiers = Verifiers(cfg.reward)
+        redis = connect(
+            cfg.redis.url,  # type: ignore[arg-type]
+            timeout_s=cfg.redis.socket_timeout_s,
+            password=cfg.redis.password,
+            ssl_ca_certs=cfg.redis.tls_ca_file,
+            ssl_certfile=cfg.redis.tls_cert_file,
+            ssl_keyfile=cfg.redis.tls_key_file,
+        )
+        worker = RewardWorker(cfg, redis, verifiers, metrics)
+        app.state.worker = worker
+        stop = asyncio.Event()
+        task: asyncio.Task[None] | None = None
+        try:
+            await asyncio.to_thread(verifiers.wait_ready, 120.0)
+            if run_worker:
+                task = asyncio.create_task(worker.run(stop), name="reward-worker")
+            yield
+        finally:
+            stop.set()
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(task, cfg.streams.block_ms / 1000 + 30)
+            verifiers.close()
+            await redis.aclose()
+
+    app = FastAPI(title="dipo reward service", version="1", lifespan=lifespan)
+    app.mount("/metrics", metrics_asgi_app(metrics.component))
+
+    @app.get("/health", response_model=HealthResponse)
+    async def health(request: Request) -> JSONResponse:
+        """Score a known group end to end (verifier processes + scoring) and ping Redis."""
+        worker: RewardWorker = request.app.state.worker
+        start = time.perf_counter()
+        try:
+            await worker.redis.ping()
+            group = _health_group()
+            results = await worker.verify_all(group)
+            scored = score_group(group, results, FitStamp(CLOSED_FIT), cfg.reward, overlong_buffer=4)
+            ok = list(scored.correct) == [1, 0]
+            detail = "" if ok else f"health item scored {scored.status}"
+        except Exception as exc:  # /health reports failures instead of raising them
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        body = HealthResponse(ok=ok, component="reward", detail=detail, seconds=time.perf_counter() - start)
+        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        dependencies=[Depends(auth)],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": ScoreRequest.model_json_schema()},
+                    "application/msgpack": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+    )
+    async def score(request: Request) -> ScoreResponse:
+        """Score one group synchronously: a JSON ScoreRequest, or a msgpack ``rollouts`` message."""
+        body = await read_body(request, server.max_body_bytes)
+        worker: RewardWorker = request.app.state.worker
+        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        try:
+            if content_type in MSGPACK_TYPES:
+                group = RolloutGroup.from_bytes(body, max_bytes=server.max_body_bytes)
+            elif content_type == "application/json":
+                group = request_to_group(ScoreRequest.model_validate_json(body))
+            else:
+                raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, f"unsupported content type {content_type}")
+        except (ValidationError, ProtocolError) as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)[:2000]) from exc
+        try:
+            scored = await worker.score(group, update_window=False)
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)[:2000]) from exc
+        return scored_to_response(scored)
+
+    return app

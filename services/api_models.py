@@ -1,0 +1,94 @@
+"""Typed, versioned HTTP bodies of the services' APIs (the stream messages live in ``services.protocol``).
+
+JSON bodies are validated by pydantic with unknown fields rejected; sizes are bounded so a request cannot make a
+service allocate without limit. ``POST /v1/score`` also accepts the ``rollouts`` stream message itself as
+``application/msgpack``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+API_VERSION = 1
+MAX_RESPONSES = 1024
+MAX_TOKENS = 262_144
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatTurn(_Body):
+    """One chat message."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=1_000_000)
+
+
+class SamplingBody(_Body):
+    """Sampling parameters (same meaning as the stream's SamplingParams)."""
+
+    temperature: float = Field(1.0, gt=0, le=10)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
+    stop: list[str] = Field(default_factory=list, max_length=32)
+    seed: int | None = None
+
+
+class TaskBody(_Body):
+    """The prompt a group answers, with what the verifier needs."""
+
+    prompt_id: str = Field("adhoc", min_length=1, max_length=256)
+    task_kind: Literal["math", "function_call"]
+    messages: list[ChatTurn] = Field(min_length=1, max_length=256)
+    ground_truth: str | list[Any] | dict[str, Any]
+    tools: list[dict[str, Any]] = Field(default_factory=list, max_length=256)
+    category: str = Field("", max_length=128)
+    sampling: SamplingBody = Field(default_factory=SamplingBody)
+
+
+class ResponseBody(_Body):
+    """One sampled response: its text, and the token ids and behaviour log-probs when perplexity matters."""
+
+    text: str = Field(max_length=4_000_000)
+    token_ids: list[int] = Field(default_factory=list, max_length=MAX_TOKENS)
+    logprobs: list[float] = Field(default_factory=list, max_length=MAX_TOKENS)
+    finish_reason: Literal["stop", "length", "abort"] = "stop"
+    version: int = Field(0, ge=0)
+
+
+class ScoreRequest(_Body):
+    """``POST /v1/score``: one group to score synchronously."""
+
+    v: Literal[1] = API_VERSION
+    task: TaskBody
+    responses: list[ResponseBody] = Field(min_length=1, max_length=MAX_RESPONSES)
+
+
+class ScoreResponse(_Body):
+    """What ``POST /v1/score`` returns: the scored group's per-response and per-group fields."""
+
+    v: Literal[1] = API_VERSION
+    prompt_id: str
+    status: list[str]
+    correct: list[bool]
+    reward: list[float]
+    realloc_reward: list[float]
+    perplexity: list[float | None]
+    group_kind: str
+    action: str
+    tau: float | None
+    gate_open: bool
+    signal: bool
+
+
+class HealthResponse(_Body):
+    """``GET /health``: whether the service did real work just now, and how long it took."""
+
+    ok: bool
+    component: str
+    detail: str = ""
+    seconds: float = 0.0

@@ -1,0 +1,80 @@
+"""HTTP helpers shared by the services' FastAPI apps: bearer-token auth, bounded bodies, serving."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException, Request, status
+
+BodyReader = Callable[[Request], Awaitable[bytes]]
+
+
+def bearer_auth(token: str | None) -> Callable[[Request], None]:
+    """A FastAPI dependency requiring ``Authorization: Bearer <token>`` when ``token`` is set (else a no-op)."""
+
+    def check(request: Request) -> None:
+        if token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, "missing bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "wrong bearer token")
+
+    return check
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refusing (413) anything over ``max_bytes`` before reading it whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "invalid Content-Length") from exc
+        if size > max_bytes:
+            raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, f"body over {max_bytes} bytes")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_bytes:
+            raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, f"body over {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0 picks a free one); the caller reads the real port from it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(app: Any, host: str, port: int, *, port_file: Path | None = None, log_level: str = "info") -> None:
+    """Serve an ASGI app with uvicorn on host:port until SIGINT/SIGTERM; writes the bound port to ``port_file``."""
+    import uvicorn
+
+    sock = bind_socket(host, port)
+    bound = sock.getsockname()[1]
+    if port_file is not None:
+        port_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(bound))
+        tmp.replace(port_file)
+    logging.getLogger(__name__).info("serving on http://%s:%d", host, bound)
+    config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False, timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
