@@ -57,7 +57,7 @@ def redis_cmd(
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with LocalRedis(data_dir=data_dir, appendfsync=appendfsync, password=password) as server:
+    with LocalRedis(data_dir, appendfsync=appendfsync, password=password) as server:  # type: ignore[arg-type]
         console.print(f"redis-server pid {server.pid} serving {server.url} (data in {server.dir}); Ctrl-C stops it")
         sys.stdout.flush()
         try:

@@ -19,11 +19,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import redis
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry as SyncRetry
 
+from services.config import RedisConfig
 from services.protocol import DeadLetter, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -493,3 +496,47 @@ async def call_with_retries(
                 on_retry()
             log.warning("%s failed (%s: %s); retry %d in %.2fs", op, type(exc).__name__, exc, attempt, delay)
             await asyncio.sleep(delay)
+
+
+def connect_sync(
+    url: str,
+    *,
+    timeout_s: float = 10.0,
+    retries: int = 8,
+    backoff_base_s: float = 0.05,
+    backoff_cap_s: float = 2.0,
+    ssl_ca_certs: str | None = None,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+    **opts: Any,
+) -> redis.Redis:
+    """A blocking Redis client (for threads that cannot await) with redis-py's own bounded backoff retries."""
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": SyncRetry(ExponentialBackoff(cap=backoff_cap_s, base=backoff_base_s), retries),
+        "retry_on_error": [rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError],
+    }
+    if urlsplit(url).scheme == "rediss":
+        kwargs.update(ssl_ca_certs=ssl_ca_certs, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+    elif ssl_ca_certs or ssl_certfile or ssl_keyfile:
+        raise ValueError("TLS options need a rediss:// URL")
+    kwargs.update(opts)
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def clients_from_config(cfg: RedisConfig) -> tuple[aioredis.Redis, redis.Redis]:
+    """The asyncio and blocking clients a process builds from the run config's ``redis`` section."""
+    if cfg.url is None:
+        raise ValueError("redis.url is not set: `dipo run` sets it, or set DIPO_REDIS__URL=redis://host:port/0")
+    common: dict[str, Any] = {
+        "timeout_s": cfg.socket_timeout_s,
+        "ssl_ca_certs": cfg.tls_ca_file,
+        "ssl_certfile": cfg.tls_cert_file,
+        "ssl_keyfile": cfg.tls_key_file,
+    }
+    if cfg.password:
+        common["password"] = cfg.password
+    sync = connect_sync(cfg.url, retries=cfg.retries, backoff_base_s=cfg.backoff_base_s,
+                        backoff_cap_s=cfg.backoff_max_s, **common)  # fmt: skip
+    return connect(cfg.url, **common), sync

@@ -163,3 +163,29 @@ def test_cli_config_show_prints_resolved_config() -> None:
     )
     assert bad.returncode == 2
     assert "nope" in bad.stdout
+
+
+def test_cli_redis_starts_a_private_server_and_stops_it(tmp_path: Path) -> None:
+    import re
+    import signal
+
+    import redis
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "redis", "--data-dir", str(tmp_path), "--password", "pw"],
+        stdout=subprocess.PIPE, text=True, env={**__import__("os").environ, "COLUMNS": "300"},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.search(r"pid (\d+) serving (redis://\S+)", line)
+        assert match, line
+        pid, url = int(match.group(1)), match.group(2)
+        assert ":6379" not in url
+        assert redis.Redis.from_url(url, socket_timeout=5).ping()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0
+    with pytest.raises(ProcessLookupError):
+        __import__("os").kill(pid, 0)

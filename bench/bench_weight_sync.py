@@ -1,0 +1,129 @@
+"""Benchmark weight sync: broadcast SmolLM2-135M-shaped float32 weights (~538 MB) to one receiver over gloo/loopback.
+
+Run: .venv/bin/python bench/bench_weight_sync.py [--rounds 3] [--bucket-mib 64]
+Writes bench/results/weight_sync.json. The receiver is a subprocess running this file with `receive`; it copies
+each version into its own model tensors (as a rollout server would), and the learner's round time includes that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+
+import torch
+from _common import write_result
+
+from learner.weight_sync import WeightBroadcaster
+from rollout_server.weight_receiver import WeightReceiver
+from services.modeling.weight_sync import SUM64_ROW, checksum, expected_from_named
+
+# SmolLM2-135M: 30 layers, hidden 576, intermediate 1536, 9 query / 3 key-value heads of 64, vocab 49152, tied.
+LAYERS, HIDDEN, INTERMEDIATE, KV, VOCAB = 30, 576, 1536, 192, 49152
+
+
+def smollm2_shapes() -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of SmolLM2-135M (lm_head is tied to the embedding, so it is not sent)."""
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+            p + "self_attn.k_proj.weight": (KV, HIDDEN),
+            p + "self_attn.v_proj.weight": (KV, HIDDEN),
+            p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+            p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+            p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+            p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+            p + "input_layernorm.weight": (HIDDEN,),
+            p + "post_attention_layernorm.weight": (HIDDEN,),
+        }
+    shapes["model.norm.weight"] = (HIDDEN,)
+    return shapes
+
+
+def receiver_main(endpoint: str, rounds: int) -> None:
+    """Receive `rounds` versions into a zero-initialised model, then exit."""
+    torch.set_num_threads(1)
+    model = {name: torch.zeros(shape) for name, shape in smollm2_shapes().items()}
+
+    def apply(named: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        for name, tensor in named:
+            model[name].copy_(tensor)
+
+    receiver = WeightReceiver(endpoint, "bench", expected_from_named(model.items()), timeout_s=120)
+    receiver.join()
+    applied = 0
+    while applied < rounds:
+        if receiver.receive(apply, wait_s=120) is not None:
+            applied += 1
+    receiver.close()
+
+
+def checksum_speed(nbytes: int) -> dict[str, float]:
+    """GB/s of both checksums on one CPU bucket (the receiver and the sender each pay crc32 once per byte)."""
+    buf = torch.randint(0, 256, (nbytes // SUM64_ROW * SUM64_ROW,), dtype=torch.uint8)
+    out = {}
+    for algo in ("crc32", "sum64"):
+        start = time.perf_counter()
+        checksum(buf, algo)
+        out[f"{algo}_cpu_gb_per_s"] = buf.numel() / (time.perf_counter() - start) / 1e9
+    return out
+
+
+def main() -> None:
+    """Time `rounds` broadcasts after one warm-up round and write the result file."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bucket-mib", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(shape, generator=gen) for name, shape in smollm2_shapes().items()}
+    total = sum(t.nbytes for t in weights.values())
+    learner = WeightBroadcaster(timeout_s=120, bucket_bytes=args.bucket_mib << 20)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, __file__, "receive", learner.endpoint, str(args.rounds + 1)], env=env)
+    try:
+        if learner.wait_for_receivers(1, 120) != 1:
+            raise RuntimeError("the receiver process did not register within 120 s")
+        seconds = []
+        for version in range(args.rounds + 1):
+            report = learner.broadcast(weights.items(), version)
+            if len(report.receivers) != 1:
+                raise RuntimeError(f"round {version} failed: {report.dropped}")
+            if version > 0:  # version 0 warms up: first-touch page faults of the receiver's staging buffers
+                seconds.append(report.seconds)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        learner.close()
+    median = statistics.median(seconds)
+    figures = {
+        "params": sum(t.numel() for t in weights.values()),
+        "bytes": total,
+        "bucket_mib": args.bucket_mib,
+        "receivers": 1,
+        "backend": "gloo (loopback)",
+        "rounds": args.rounds,
+        "round_seconds_median": median,
+        "round_seconds_min": min(seconds),
+        "gb_per_s_median": total / median / 1e9,
+        **checksum_speed(args.bucket_mib << 20),
+    }
+    path = write_result("weight_sync", figures)
+    print(
+        f"{total / 1e6:.0f} MB in {median:.3f} s (median of {args.rounds}): {total / median / 1e9:.2f} GB/s -> {path}"
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["receive"]:
+        receiver_main(sys.argv[2], int(sys.argv[3]))
+    else:
+        main()
