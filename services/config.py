@@ -222,11 +222,18 @@ class LearnerConfig(_Section):
     micro_batch_tokens: int = Field(4096, ge=64, description="Token budget of one micro-batch (padded).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     sync_every: int = Field(1, ge=1, description="Publish weights every k optimizer steps.")
+    weight_sync_host: str = Field(
+        "127.0.0.1", description="Address the weight-sync rendezvous store listens on (0.0.0.0 only in containers)."
+    )
+    weight_sync_port: int = Field(0, ge=0, le=65_535, description="Port of the weight-sync store; 0 picks a free one.")
+    weight_sync_advertise: str | None = Field(
+        None, description="Address rollout servers are told to reach the store at (default: weight_sync_host)."
+    )
     checkpoint_every: int = Field(10, ge=1, description="Write a checkpoint every N steps (and on SIGTERM).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
     torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per learner rank.")
     device: str = Field("cpu", description="cpu or cuda (under torchrun each rank takes its local device).")
-    seed: int = Field(0, description="Seed of the learner (and of the prompt feeder's order).")
+    seed: int = Field(0, description="Seed of the learner's torch RNG (the prompt order follows data.seed).")
     server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoint of the learner (metrics).")
 
 
@@ -322,8 +329,24 @@ def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
         path = [part.lower() for part in key[len(ENV_PREFIX) :].split(ENV_DELIMITER)]
         if path[0] not in RunConfig.model_fields:
             continue  # other DIPO_* variables (process roles, caches) are not config
-        _set_path(layer, path, _parse_scalar(raw))
+        _set_path(layer, path, raw if _is_text_field(path) else _parse_scalar(raw))
     return layer
+
+
+def _is_text_field(path: Sequence[str]) -> bool:
+    """True when the field at ``path`` holds text, so an environment value like ``123`` or ``yes`` stays a string."""
+    model: type[BaseModel] = RunConfig
+    for i, key in enumerate(path):
+        field = model.model_fields.get(key)
+        if field is None:
+            return False
+        annotation = field.annotation
+        if i == len(path) - 1:
+            return annotation is str or annotation == (str | None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return False
+        model = annotation
+    return False
 
 
 def _override_layer(overrides: Sequence[str]) -> dict[str, Any]:

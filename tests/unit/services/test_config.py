@@ -189,3 +189,11 @@ def test_cli_redis_starts_a_private_server_and_stops_it(tmp_path: Path) -> None:
     assert proc.returncode == 0
     with pytest.raises(ProcessLookupError):
         __import__("os").kill(pid, 0)
+
+
+def test_environment_text_fields_keep_raw_text() -> None:
+    env = {"DIPO_REDIS__PASSWORD": "123456", "DIPO_REWARD__SERVER__API_TOKEN": "yes", "DIPO_LEARNER__STEPS": "9"}
+    cfg = load_config(None, environ=env)
+    assert cfg.redis.password == "123456"
+    assert cfg.reward.server.api_token == "yes"
+    assert cfg.learner.steps == 9
