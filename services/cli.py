@@ -68,6 +68,39 @@ def redis_cmd(
     console.print("redis-server stopped")
 
 
+@app.command("run")
+def run_cmd(
+    config: ConfigArg,
+    overrides: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its newest checkpoint.")] = False,
+    no_panel: Annotated[
+        bool, typer.Option("--no-panel", help="Print one plain line per step instead of the live panel.")
+    ] = False,
+) -> None:
+    """Train: start Redis, the learner, reward services and rollout servers, supervise them, write the report."""
+    from services.launcher import LaunchError, launch
+
+    try:
+        code = launch(config, overrides or [], resume=resume, panel=not no_panel, console=console)
+    except (ConfigError, ValueError) as exc:
+        console.print(f"[red]invalid config:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    except LaunchError as exc:
+        console.print(f"[red]cannot start the run:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    raise typer.Exit(code)
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (holds metrics.jsonl).", exists=True, file_okay=False)],
+) -> None:
+    """(Re)build <run_dir>/report/report.html and its plots from metrics.jsonl."""
+    from services.report import build_report
+
+    console.print(f"report: {build_report(run_dir)}")
+
+
 def main() -> None:
     """Entry point of `python -m services.cli`."""
     app()
