@@ -41,13 +41,13 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         except ValueError as exc:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "invalid Content-Length") from exc
         if size > max_bytes:
-            raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, f"body over {max_bytes} bytes")
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"body over {max_bytes} bytes")
     chunks: list[bytes] = []
     total = 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > max_bytes:
-            raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, f"body over {max_bytes} bytes")
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"body over {max_bytes} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -1,0 +1,107 @@
+"""HTTP bodies of the rollout server: ``POST /v1/generate``, ``POST /v1/weights/reload`` and ``GET /health``.
+
+Unknown fields are rejected and every size is bounded, so one request cannot make the server allocate without limit.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.api_models import API_VERSION, ChatTurn
+
+MAX_N = 64
+MAX_NEW_TOKENS = 4096
+MAX_TOTAL_TOKENS = 65_536  # n x max_new_tokens of one request
+MAX_PROMPT_CHARS = 1_000_000
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerateSampling(_Body):
+    """Sampling parameters of an ad-hoc request (temperature 0 = greedy; see docs/SAMPLING.md)."""
+
+    temperature: float = Field(1.0, ge=0, le=10)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, le=1_000_000)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.top_k == 0:
+            raise ValueError("top_k must be -1 (off) or >= 1")
+        if any(not s or len(s) > 256 for s in self.stop):
+            raise ValueError("stop strings must have 1 to 256 characters")
+        return self
+
+
+class GenerateRequest(_Body):
+    """``POST /v1/generate``: sample n completions of one prompt, given as chat messages or as rendered text."""
+
+    v: Literal[1] = API_VERSION
+    messages: list[ChatTurn] | None = Field(None, min_length=1, max_length=256)
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    n: int = Field(1, ge=1, le=MAX_N)
+    sampling: GenerateSampling = Field(default_factory=GenerateSampling)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of `messages` (chat turns) or `prompt` (already rendered text)")
+        if self.n * self.sampling.max_new_tokens > MAX_TOTAL_TOKENS:
+            raise ValueError(f"n x max_new_tokens must be at most {MAX_TOTAL_TOKENS}")
+        return self
+
+
+class CompletionBody(_Body):
+    """One completion: its text, tokens, the log-prob of each token under the sampling distribution, and its end."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length", "abort"]
+
+
+class GenerateResponse(_Body):
+    """What ``POST /v1/generate`` returns."""
+
+    v: Literal[1] = API_VERSION
+    version: int = Field(description="Policy version of the weights that generated every completion.")
+    prompt_token_ids: list[int]
+    completions: list[CompletionBody]
+    seconds: float
+
+
+class ReloadRequest(_Body):
+    """``POST /v1/weights/reload``: load a Hugging Face folder's safetensors weights (admin)."""
+
+    v: Literal[1] = API_VERSION
+    checkpoint: str = Field(min_length=1, max_length=4096, description="Folder on the server's filesystem.")
+    version: int | None = Field(
+        None, ge=0, description="Policy version to stamp on what the weights generate; default: keep the current one."
+    )
+
+
+class ReloadResponse(_Body):
+    """What ``POST /v1/weights/reload`` returns once the new weights are in place."""
+
+    v: Literal[1] = API_VERSION
+    version: int
+    tensors: int
+    seconds: float
+
+
+class RolloutHealth(_Body):
+    """``GET /health``: one token generated just now, the loaded version, and the stream worker's state."""
+
+    ok: bool
+    component: Literal["rollout"] = "rollout"
+    detail: str = ""
+    seconds: float = 0.0
+    version: int = 0
+    worker: Literal["running", "disabled", "stopped", "failed"] = "disabled"

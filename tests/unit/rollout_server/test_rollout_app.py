@@ -1,0 +1,272 @@
+"""The rollout server's HTTP app in-process (health, generate, auth, limits, weight reload) and its sync helpers."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub, even by accident
+
+import importlib.util
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rollout_server.app import create_app
+from rollout_server.backends import Sampling
+from rollout_server.backends.hf import HFBackend
+from rollout_server.sync import CheckpointError, PolicyView, PolicyWeights, read_checkpoint
+from services.config import RunConfig, load_config
+from services.modeling.loading import DEFAULT_MODEL, load_tokenizer
+
+torch.set_num_threads(1)
+
+TOKEN = "sekrit"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MESSAGES = [{"role": "user", "content": "What is 3 + 4?"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with the default model's tokenizer and chat template."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _config(**overrides: object) -> RunConfig:
+    base = [f"rollout.server.api_token={TOKEN}", "rollout.server.max_body_bytes=4096"]
+    return load_config(None, base + [f"{k}={v}" for k, v in overrides.items()], environ={})
+
+
+@pytest.fixture
+def backend(tiny_model_dir: Path) -> HFBackend:
+    return HFBackend(tiny_model_dir)
+
+
+@pytest.fixture
+async def client(backend: HFBackend) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(_config(), backend=backend)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://rollout") as c:
+            yield c
+
+
+def _generate_body(**kw: object) -> dict:
+    body: dict = {"messages": MESSAGES, "n": 3, "sampling": {"max_new_tokens": 6, "seed": 1}}
+    body.update(kw)
+    return body
+
+
+async def test_health_generates_a_token_and_reports_the_version(client: httpx.AsyncClient) -> None:
+    resp = await client.get("/health")
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["ok"] is True and body["version"] == 0 and body["worker"] == "disabled"
+
+
+async def test_generate_returns_n_completions_with_matching_logprobs(client: httpx.AsyncClient) -> None:
+    resp = await client.post("/v1/generate", json=_generate_body(), headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["version"] == 0 and len(body["prompt_token_ids"]) > 5
+    assert len(body["completions"]) == 3
+    for c in body["completions"]:
+        assert 1 <= len(c["token_ids"]) <= 6
+        assert len(c["logprobs"]) == len(c["token_ids"])
+        assert all(lp <= 0 for lp in c["logprobs"])
+        assert c["finish_reason"] in ("stop", "length")
+    again = await client.post("/v1/generate", json=_generate_body(), headers=AUTH)
+    assert again.json()["completions"] == body["completions"]  # same seed, same weights: same samples
+    text = await client.post("/v1/generate", json={"prompt": "Once upon a time", "n": 1}, headers=AUTH)
+    assert text.status_code == 200 and len(text.json()["completions"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"), [({}, 401), ({"Authorization": "Bearer nope"}, 403), ({"Authorization": "Basic x"}, 401)]
+)
+async def test_mutating_endpoints_need_the_token(client: httpx.AsyncClient, headers: dict, expected: int) -> None:
+    assert (await client.post("/v1/generate", json=_generate_body(), headers=headers)).status_code == expected
+    reload = await client.post("/v1/weights/reload", json={"checkpoint": "/nowhere"}, headers=headers)
+    assert reload.status_code == expected
+
+
+async def test_oversized_body_is_413(client: httpx.AsyncClient) -> None:
+    body = _generate_body(messages=[{"role": "user", "content": "x" * 5000}])
+    assert (await client.post("/v1/generate", json=body, headers=AUTH)).status_code == 413
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"n": 0},
+        {"n": 65},
+        {"sampling": {"temperature": -1.0}},
+        {"sampling": {"top_k": 0}},
+        {"sampling": {"top_p": 1.5}},
+        {"sampling": {"stop": [""]}},
+        {"sampling": {"max_new_tokens": 4096}, "n": 64},  # n x max_new_tokens over the budget
+        {"surprise": 1},
+        {"prompt": "both kinds of prompt"},
+        {"messages": []},
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+    ],
+)
+async def test_bad_generate_parameters_are_422(client: httpx.AsyncClient, change: dict) -> None:
+    resp = await client.post("/v1/generate", json=_generate_body(**change), headers=AUTH)
+    assert resp.status_code == 422, resp.text
+
+
+async def test_prompt_beyond_the_context_is_422(client: httpx.AsyncClient) -> None:
+    body = _generate_body(n=1, sampling={"max_new_tokens": 300})  # the tiny model's context is 256
+    assert (await client.post("/v1/generate", json=body, headers=AUTH)).status_code == 422
+
+
+def _snapshot(backend: HFBackend) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in backend.model.named_parameters()}
+
+
+def _unchanged(backend: HFBackend, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, before[k]) for k, v in backend.model.named_parameters())
+
+
+async def test_reload_with_a_bad_folder_keeps_the_weights(
+    client: httpx.AsyncClient, backend: HFBackend, tmp_path: Path
+) -> None:
+    before = _snapshot(backend)
+    missing = await client.post("/v1/weights/reload", json={"checkpoint": str(tmp_path / "nope")}, headers=AUTH)
+    assert missing.status_code == 404
+    empty = await client.post("/v1/weights/reload", json={"checkpoint": str(tmp_path)}, headers=AUTH)
+    assert empty.status_code == 422
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    weights = {k: v.clone() for k, v in before.items()}
+    weights["model.norm.weight"] = torch.ones(7)  # wrong shape, every other tensor fine
+    save_file(weights, str(wrong / "model.safetensors"))
+    resp = await client.post("/v1/weights/reload", json={"checkpoint": str(wrong)}, headers=AUTH)
+    assert resp.status_code == 422 and "model.norm.weight" in resp.text
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert (await client.post("/v1/weights/reload", json={"checkpoint": str(corrupt)}, headers=AUTH)).status_code == 422
+    assert _unchanged(backend, before)
+    assert (await client.get("/health")).json()["version"] == 0
+
+
+async def test_reload_with_a_good_checkpoint_changes_the_weights(
+    client: httpx.AsyncClient, backend: HFBackend, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    before = _snapshot(backend)
+    first = (await client.post("/v1/generate", json=_generate_body(), headers=AUTH)).json()
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(tmp_path / "step-000003")
+    resp = await client.post(
+        "/v1/weights/reload", json={"checkpoint": str(tmp_path / "step-000003"), "version": 3}, headers=AUTH
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["version"] == 3 and resp.json()["tensors"] == len(before)
+    assert not _unchanged(backend, before)
+    assert torch.equal(backend.model.model.norm.weight, model.model.norm.weight)
+    after = (await client.post("/v1/generate", json=_generate_body(), headers=AUTH)).json()
+    assert after["version"] == 3
+    assert after["completions"] != first["completions"]  # same seed, new weights
+    assert (await client.get("/health")).json()["version"] == 3
+    metrics = (await client.get("/metrics/")).text
+    assert "dipo_rollout_policy_version 3.0" in metrics
+
+
+# ------------------------------------------------------------------ sync helpers
+
+
+def test_policy_view_reads_the_learner_hash() -> None:
+    view = PolicyView.from_hash(
+        {b"version": b"5", b"checkpoint": b"/ck/step-4", b"checkpoint_version": b"4", b"status": b"running",
+         b"sync_endpoint": b"127.0.0.1:1234"}
+    )  # fmt: skip
+    assert view == PolicyView(5, "/ck/step-4", 4, "running", "127.0.0.1:1234")
+    empty = PolicyView.from_hash({})
+    assert empty == PolicyView(0, None, -1, "starting", None)
+    assert PolicyView.from_hash({"checkpoint": "", "checkpoint_version": "-1"}).checkpoint is None
+
+
+def test_read_checkpoint_wants_exactly_the_model_names(tmp_path: Path) -> None:
+    save_file({"a": torch.zeros(2, 3), "b": torch.ones(4)}, str(tmp_path / "model-1.safetensors"))
+    save_file({"c": torch.ones(1)}, str(tmp_path / "model-2.safetensors"))
+    loaded = read_checkpoint(tmp_path, {"a": (2, 3), "b": (4,), "c": (1,)})
+    assert sorted(loaded) == ["a", "b", "c"] and torch.equal(loaded["b"], torch.ones(4))
+    with pytest.raises(CheckpointError, match="missing d"):
+        read_checkpoint(tmp_path, {"a": (2, 3), "b": (4,), "c": (1,), "d": (1,)})
+    with pytest.raises(CheckpointError, match="unknown c"):
+        read_checkpoint(tmp_path, {"a": (2, 3), "b": (4,)})
+    with pytest.raises(CheckpointError, match="shape"):
+        read_checkpoint(tmp_path, {"a": (3, 2), "b": (4,), "c": (1,)})
+
+
+def test_swaps_wait_for_the_batch_and_notify_after(backend: HFBackend) -> None:
+    weights = PolicyWeights(backend)
+    heard: list[int] = []
+    weights.add_listener(heard.append)
+    named = [(k, v.detach().clone()) for k, v in backend.model.named_parameters()]
+    with weights.batch() as version:
+        assert version == 0
+        assert not weights._lock.acquire(blocking=False)  # a swap would wait here
+    weights.swap(named, 2)
+    assert weights.version == 2 and heard == [2] and not weights.dirty
+    with pytest.raises(ValueError):
+        weights.swap([("no.such.weight", torch.zeros(1))], 3)
+    assert weights.dirty and weights.version == 2 and heard == [2]
+
+
+# ------------------------------------------------------------------ vLLM (only where it is installed)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_vllm_backend_samples_with_logprobs_of_the_sampling_distribution(tiny_model_dir: Path) -> None:
+    from rollout_server.backends.vllm import VLLMBackend
+
+    vb = VLLMBackend(tiny_model_dir, dtype="float32")
+    try:
+        sampling = Sampling(temperature=0.7, max_new_tokens=8, seed=3)
+        [group] = vb.generate([MESSAGES], 4, sampling)
+        assert len(group.completions) == 4
+        reference = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+        for c in group.completions:
+            assert len(c.token_ids) == len(c.logprobs) >= 1
+            ids = torch.tensor(np.concatenate([group.prompt_token_ids, c.token_ids]).astype(np.int64))[None]
+            with torch.no_grad():
+                logits = reference(ids).logits[0, len(group.prompt_token_ids) - 1 : -1].float()
+            expected = (logits / 0.7).log_softmax(-1).gather(-1, ids[0, len(group.prompt_token_ids) :, None])
+            np.testing.assert_allclose(c.logprobs, expected.squeeze(-1).numpy(), atol=2e-3)
+        names = dict(vb.state_dict_names_and_shapes())
+        shifted = [(k, v + 0.5) for k, v in reference.state_dict().items() if k in names]
+        vb.load_state_dict(shifted)
+        [after] = vb.generate([MESSAGES], 4, sampling)
+        assert [c.token_ids.tolist() for c in after.completions] != [c.token_ids.tolist() for c in group.completions]
+    finally:
+        vb.close()
