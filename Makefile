@@ -2,10 +2,13 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all test-slow lint format bench clean
+.PHONY: setup run test test-all test-slow lint format bench clean
 
 setup:
 	@bash scripts/setup.sh
+
+run: setup
+	.venv/bin/dipo run configs/quickstart.yaml $(RUN_ARGS)
 
 test: setup
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)

@@ -101,6 +101,22 @@ def report_cmd(
     console.print(f"report: {build_report(run_dir)}")
 
 
+@app.command(
+    "eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def eval_cmd(ctx: typer.Context) -> None:
+    """Evaluate a model: mean@k / maj@k for math, per-category accuracy for BFCL (see `dipo eval --help`).
+
+    Runs `python -m evaluation` (the backends need torch, which this command-line process does not load).
+    """
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "evaluation", *ctx.args], check=False)
+    raise typer.Exit(result.returncode)
+
+
 def main() -> None:
     """Entry point of `python -m services.cli`."""
     app()
