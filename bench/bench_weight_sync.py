@@ -75,24 +75,16 @@ def checksum_speed(nbytes: int) -> dict[str, float]:
     return out
 
 
-def main() -> None:
-    """Time `rounds` broadcasts after one warm-up round and write the result file."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--bucket-mib", type=int, default=64)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
-    weights = {name: torch.randn(shape, generator=gen) for name, shape in smollm2_shapes().items()}
-    total = sum(t.nbytes for t in weights.values())
-    learner = WeightBroadcaster(timeout_s=120, bucket_bytes=args.bucket_mib << 20)
+def broadcast_seconds(weights: dict[str, torch.Tensor], rounds: int, bucket_mib: int) -> list[float]:
+    """Seconds of each of `rounds` broadcasts to one receiver subprocess, after one untimed warm-up round."""
+    learner = WeightBroadcaster(timeout_s=120, bucket_bytes=bucket_mib << 20)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, __file__, "receive", learner.endpoint, str(args.rounds + 1)], env=env)
+    proc = subprocess.Popen([sys.executable, __file__, "receive", learner.endpoint, str(rounds + 1)], env=env)
     try:
         if learner.wait_for_receivers(1, 120) != 1:
             raise RuntimeError("the receiver process did not register within 120 s")
         seconds = []
-        for version in range(args.rounds + 1):
+        for version in range(rounds + 1):
             report = learner.broadcast(weights.items(), version)
             if len(report.receivers) != 1:
                 raise RuntimeError(f"round {version} failed: {report.dropped}")
@@ -103,6 +95,20 @@ def main() -> None:
         if proc.poll() is None:
             proc.kill()
         learner.close()
+    return seconds
+
+
+def main() -> None:
+    """Time `rounds` broadcasts after one warm-up round and write the result file."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bucket-mib", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(shape, generator=gen) for name, shape in smollm2_shapes().items()}
+    total = sum(t.nbytes for t in weights.values())
+    seconds = broadcast_seconds(weights, args.rounds, args.bucket_mib)
     median = statistics.median(seconds)
     figures = {
         "params": sum(t.numel() for t in weights.values()),

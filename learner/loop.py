@@ -205,6 +205,7 @@ class Learner:
                 }
                 line = self._metrics_line(batch, train, timings)
                 metrics.on_step(line, batch)
+                await metrics.observe_streams(aredis, cfg.name)
                 metrics_file.write(json.dumps(line) + "\n")
                 metrics_file.flush()
                 log.info(

@@ -7,20 +7,24 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI
+from redis.exceptions import RedisError
 
 from learner.batch import StepBatch
 from learner.weight_sync import BroadcastReport
 from services.config import RunConfig
 from services.http import bind_socket
 from services.metrics import ComponentMetrics, metrics_asgi_app
+from services.streams import run_key
 
 if TYPE_CHECKING:
     from learner.loop import Learner
 
 log = logging.getLogger(__name__)
 
+_STREAM_GROUPS = {"prompts": "rollout", "rollouts": "reward", "scored": "learner", "deadletter": None}
 _GAUGES = {  # metrics.jsonl key -> (metric, labels)
     "reward_mean": ("reward_mean", {}),
     "accuracy": ("accuracy", {}),
@@ -58,6 +62,8 @@ class LearnerMetrics:
         self.wait_seconds = m.histogram("wait_seconds", "Time waiting for scored groups per step.")
         self.sync_seconds = m.histogram("weight_sync_seconds", "Broadcast time of one weight update.")
         self.checkpoint_seconds = m.histogram("checkpoint_seconds", "Time to write one checkpoint.")
+        self.stream_length = m.gauge("stream_length", "Entries in a stream of the run.", ["stream"])
+        self.stream_pending = m.gauge("stream_pending", "Pending entries of the stream's consumer group.", ["stream"])
         self._last_dropped: dict[str, int] = {}
         self._released_seen = 0
         self.started = time.time()
@@ -100,6 +106,21 @@ class LearnerMetrics:
         self.wait_seconds.observe(num("wait_seconds"))
         if line.get("checkpoint_seconds"):
             self.checkpoint_seconds.observe(num("checkpoint_seconds"))
+
+    async def observe_streams(self, redis: aioredis.Redis, run: str) -> None:
+        """Record each stream's length and its consumer group's pending count (best effort: a metric, not control)."""
+        for name, group in _STREAM_GROUPS.items():
+            key = run_key(run, name)
+            try:
+                self.stream_length.labels(name).set(await redis.xlen(key))
+                pending = 0
+                if group is not None:
+                    for row in await redis.xinfo_groups(key):
+                        if (row.get("name") or row.get(b"name")) in (group, group.encode()):
+                            pending = int(row.get("pending", row.get(b"pending", 0)))
+                self.stream_pending.labels(name).set(pending)
+            except (RedisError, OSError) as exc:  # a missing stream or a Redis hiccup must not stop training
+                log.debug("stream metrics for %s unavailable: %s", key, exc)
 
     def on_sync(self, report: BroadcastReport) -> None:
         """Record one weight broadcast."""

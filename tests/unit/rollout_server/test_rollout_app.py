@@ -245,7 +245,7 @@ def test_swaps_wait_for_the_batch_and_notify_after(backend: HFBackend) -> None:
 # ------------------------------------------------------------------ vLLM (only where it is installed)
 
 
-@pytest.mark.slow
+@pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_vllm_backend_samples_with_logprobs_of_the_sampling_distribution(tiny_model_dir: Path) -> None:
     from rollout_server.backends.vllm import VLLMBackend
