@@ -487,7 +487,8 @@ def _expressions(path: Path) -> list[str]:
     [
         ("training.json", ["reward_mean", "accuracy", "tau", "gate_open", "group_kind_share", "reallocations",
                            "ppl_mean", "perplexity", "entropy", "clip_fraction", "staleness"]),
-        ("system.json", ["stream_length", "stream_pending", "prompts_released_total", "dead_lettered_total", "tokens_total", "groups_total",
+        ("system.json", ["stream_length", "stream_pending", "prompts_released_total", "dead_lettered_total",
+                         "tokens_total", "groups_total",
                          "verify_seconds", "failure_rate", "weight_sync_seconds", "worker_restarts", "resets("]),
     ],
 )  # fmt: skip
