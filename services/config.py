@@ -233,6 +233,10 @@ class LearnerConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
     torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per learner rank.")
     device: str = Field("cpu", description="cpu or cuda (under torchrun each rank takes its local device).")
+    fsdp: Literal["auto", "on", "off"] = Field(
+        "auto", description="Shard with FSDP2 across ranks: auto = on CUDA with more than one rank; on also on gloo."
+    )
+    dist_timeout_s: float = Field(600.0, gt=0, description="Timeout of every collective among the learner's ranks.")
     seed: int = Field(0, description="Seed of the learner's torch RNG (the prompt order follows data.seed).")
     server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoint of the learner (metrics).")
 
