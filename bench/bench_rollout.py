@@ -22,8 +22,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-# vLLM lowers torch to one thread while it serves unless OMP_NUM_THREADS is set before it starts (see --threads).
-os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
@@ -90,6 +88,7 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
         "seconds_per_batch_median": round(statistics.median(r["seconds"] for r in runs), 3),
         "seconds_per_batch_all": [round(r["seconds"], 3) for r in runs],
         "tokens_per_batch_all": [int(r["tokens"]) for r in runs],
+        "load_average_1min_after_each": [round(r["load"], 2) for r in runs],
         "tokens_per_second_median": round(statistics.median(r["tokens"] / r["seconds"] for r in runs), 2),
         "decode_slot_use_median": round(
             statistics.median(r["tokens"] for r in runs) / (len(TERMS) * SAMPLES_PER_PROMPT * MAX_NEW_TOKENS), 3
@@ -97,13 +96,13 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
     }
 
 
-def build_vllm(eager: bool) -> Backend | None:
+def build_vllm(eager: bool, threads: int) -> Backend | None:
     """The vllm backend on the default model in float32, or None where vLLM is not installed."""
     if importlib.util.find_spec("vllm") is None:
         return None
     from rollout_server.backends.vllm import VLLMBackend
 
-    return VLLMBackend(DEFAULT_MODEL, dtype="float32", enforce_eager=eager)
+    return VLLMBackend(DEFAULT_MODEL, dtype="float32", enforce_eager=eager, num_threads=threads)
 
 
 def measure_generation(hf: HFBackend, vllm: Backend | None, runs: int) -> dict[str, Any]:
@@ -121,9 +120,12 @@ def measure_generation(hf: HFBackend, vllm: Backend | None, runs: int) -> dict[s
     results: dict[str, list[Run]] = {name: [] for name in samplers}
     for seed in range(runs):
         for name, sample in samplers.items():
-            results[name].append(sample(seed))
-            r = results[name][-1]
-            print(f"run {seed} {name}: {r['seconds']:.2f} s, {r['tokens']:.0f} tokens, {os.getloadavg()[0]:.2f} load")
+            r = sample(seed) | {"load": os.getloadavg()[0]}
+            results[name].append(r)
+            print(
+                f"run {seed} {name}: {r['seconds']:.2f} s, {r['tokens']:.0f} tokens, {os.getloadavg()[0]:.2f} load",
+                flush=True,
+            )
     figures = {name: summarise(r) for name, r in results.items()}
     hf_tps = figures["hf_backend"]["tokens_per_second_median"]
     figures["hf_over_bare_generate_tokens_per_second"] = round(
@@ -186,17 +188,15 @@ def main() -> None:
     """Measure generation and weight delivery, then write bench/results/rollout.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="timed batches per sampler, and weight rounds")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads; must equal OMP_NUM_THREADS (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of every sampler")
     parser.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile (enforce_eager)")
     parser.add_argument("--skip-weights", action="store_true", help="only the generation comparison")
     args = parser.parse_args()
-    if os.environ["OMP_NUM_THREADS"] != str(args.threads):
-        raise ValueError(f"run with OMP_NUM_THREADS={args.threads} for --threads {args.threads}: vLLM reads it")
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     hf = HFBackend(DEFAULT_MODEL, num_threads=args.threads)
     start = time.perf_counter()
-    vllm = build_vllm(args.vllm_eager)
+    vllm = build_vllm(args.vllm_eager, args.threads)
     vllm_start_s = time.perf_counter() - start
     figures: dict[str, Any] = {
         "workload": {

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", help="Also log to this file.")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    dist = init_distributed(cfg)
+    dist = init_distributed(cfg, timeout_s=cfg.learner.dist_timeout_s)
     setup_logging(
         cfg.log_level,
         f"learner{dist.rank}",

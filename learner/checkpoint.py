@@ -12,6 +12,11 @@ Layout under the checkpoint root::
 A crash at any point leaves either the previous checkpoint or the new one as `latest`, never a partial folder.
 Deleting a folder (pruning, replacing a step) first renames it to a `.tmp-` name, so a crash mid-delete leaves
 only ignored debris. The `.pt` files are our own, never cross a trust boundary, and load with `weights_only=True`.
+
+Under FSDP the files are the same as without it: ``gather_full_state`` (a collective: every rank calls it) gives
+rank 0 the full weights and the optimizer state in ``optimizer.state_dict()``'s layout, which ``save_checkpoint``
+writes; on resume the weights are loaded before sharding (``load_weights``) and ``load_checkpoint(sharded=True)``
+cuts each rank's shard of the optimizer state out of the full one. So a checkpoint resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -22,12 +27,19 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -161,17 +173,30 @@ def _prune(root: Path, keep: int, just_written: Path) -> None:
         _discard(path)
 
 
-def _write_contents(
-    folder: Path, model: Any, optimizer: Any, scheduler: Any, tokenizer: Any, rng: dict[str, Any], state_json: str
-) -> None:
-    model.save_pretrained(folder)  # safetensors is the default serialisation (and the only one in transformers 5)
+@dataclass
+class _Contents:
+    """What goes into a checkpoint folder besides the JSON state."""
+
+    model: Any
+    optimizer_state: dict[str, Any]
+    scheduler: Any
+    tokenizer: Any
+    weights: dict[str, torch.Tensor] | None
+
+
+def _write_contents(folder: Path, contents: _Contents, rng: dict[str, Any], state_json: str) -> None:
+    # safetensors is the default serialisation (and the only one in transformers 5)
+    if contents.weights is None:
+        contents.model.save_pretrained(folder)
+    else:
+        contents.model.save_pretrained(folder, state_dict=contents.weights)
     if not (folder / WEIGHTS_FILE).is_file() and not (folder / WEIGHTS_INDEX_FILE).is_file():
         raise RuntimeError(f"save_pretrained wrote no safetensors weights into {folder}")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
-    if scheduler is not None:
-        torch.save(scheduler.state_dict(), folder / SCHEDULER_FILE)
+    if contents.tokenizer is not None:
+        contents.tokenizer.save_pretrained(folder)
+    torch.save(contents.optimizer_state, folder / OPTIMIZER_FILE)
+    if contents.scheduler is not None:
+        torch.save(contents.scheduler.state_dict(), folder / SCHEDULER_FILE)
     torch.save(rng, folder / RNG_FILE)
     # Last file written: a step-* folder without it is not a checkpoint
     (folder / STATE_FILE).write_text(state_json)
@@ -186,11 +211,15 @@ def save_checkpoint(
     state: dict[str, Any],
     tokenizer: Any = None,
     keep: int = 2,
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint `step` under root atomically, point `latest` at it, prune to `keep`; return its folder.
 
-    `model` is an unwrapped Hugging Face model (under FSDP, gather the full state first and save on one rank);
-    `state` is JSON-able (step and version, feeder position, used prompt ids, ...).
+    `model` is an unwrapped Hugging Face model; `state` is JSON-able (step and version, feeder position, used
+    prompt ids, ...). Under FSDP pass the `weights` and `optimizer_state` of ``gather_full_state`` (rank 0 only):
+    they are written instead of the model's and optimizer's own, which are shards; `optimizer` may then be None.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
@@ -198,6 +227,11 @@ def save_checkpoint(
         raise ValueError(f"step must be >= 0, got {step}")
     if "step" in state and state["step"] != step:
         raise ValueError(f"state['step']={state['step']} disagrees with step={step}")
+    if optimizer_state is None and optimizer is None:
+        raise ValueError("save_checkpoint needs an optimizer or its optimizer_state")
+    contents = _Contents(
+        model, optimizer_state if optimizer_state is not None else optimizer.state_dict(), scheduler, tokenizer, weights
+    )
     # Serialise first: a state that is not JSON-able fails before anything touches the disk
     state_json = json.dumps({**state, "step": step}, indent=2, sort_keys=True, allow_nan=False)
     # Taken before any work, so the states restored on resume are those the training loop stood at
@@ -208,7 +242,7 @@ def save_checkpoint(
     name = checkpoint_dir_name(step)
     tmp = root / f"{TMP_PREFIX}{name}"
     tmp.mkdir()
-    _write_contents(tmp, model, optimizer, scheduler, tokenizer, rng, state_json)
+    _write_contents(tmp, contents, rng, state_json)
     _fsync_tree(tmp)
     final = root / name
     if final.exists():
@@ -262,16 +296,125 @@ def _load_into_model(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -
         raise ValueError(f"checkpoint lacks weights of the model: {sorted(untied)[:5]}")
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None) -> dict[str, Any]:
-    """Restore model weights, optimizer, scheduler and RNG states from a checkpoint folder; return its trainer state."""
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load a checkpoint folder's policy weights into an unsharded model (under FSDP: before sharding it)."""
+    _load_into_model(model, load_model_weights(Path(path)))
+
+
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    *,
+    weights: bool = True,
+    sharded: bool = False,
+) -> dict[str, Any]:
+    """Restore model weights, optimizer, scheduler and RNG states from a checkpoint folder; return its trainer state.
+
+    With ``weights=False`` the weights are taken as loaded already. ``sharded=True`` means the model is sharded with
+    FSDP: its weights must have been loaded before sharding (``load_weights``), and every rank must call this at
+    the same time, since the optimizer state is cut into shards collectively.
+    """
     path = Path(path)
     if not _is_complete(path):
         raise ValueError(f"{path} is not a complete checkpoint folder (step-NNNNNN with {STATE_FILE})")
-    _load_into_model(model, load_model_weights(path))
+    if sharded and weights:
+        raise ValueError("a sharded model cannot take full weights: call load_weights before sharding, weights=False")
+    if weights:
+        load_weights(path, model)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+        saved = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        if sharded:
+            load_full_optimizer_state(model, optimizer, saved)
+        else:
+            optimizer.load_state_dict(saved)
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True))
     _set_rng_state(torch.load(path / RNG_FILE, map_location="cpu", weights_only=True))
     state: dict[str, Any] = json.loads((path / STATE_FILE).read_text())
     return state
+
+
+# ---------------------------------------------------------------------- FSDP: full state from shards and back
+
+
+@dataclass
+class FullState:
+    """A policy's full (unsharded) state as rank 0 publishes and checkpoints it; empty on other ranks under FSDP."""
+
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The unwrapped model's ``named_parameters()`` (tied weights once): what rollout servers receive."""
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Persistent buffers, which checkpoints hold too (only filled when gathered)."""
+    optimizer: dict[str, Any] | None = None
+    """The optimizer state in ``optimizer.state_dict()``'s layout (parameter ids), when asked for."""
+    gathered: bool = False
+    """True for gathered CPU copies (FSDP); False for the model's own tensors (replicated ranks)."""
+
+    def checkpoint_weights(self) -> dict[str, torch.Tensor] | None:
+        """The state dict a checkpoint writes: the gathered one, or None to let the model save its own."""
+        return {**self.weights, **self.buffers} if self.gathered else None
+
+
+_FULL_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+"""Gather every DTensor, keep the result on CPU on rank 0 only (other ranks get empty dicts)."""
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimizer's parameters in its id order (the order ``optimizer.state_dict()`` numbers them)."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _renumber(state: dict[str, Any], keys: dict[Any, Any]) -> dict[str, Any]:
+    """An optimizer state dict with its parameter keys mapped through `keys` (ids <-> names)."""
+    return {
+        "state": {keys[k]: v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [keys[k] for k in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def gather_full_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, sharded: bool
+) -> FullState:
+    """The model's full weights (and the optimizer's full state); with ``sharded=True`` a collective over all ranks.
+
+    `model` is the unwrapped Hugging Face model (whose submodules FSDP sharded), so the names are its own
+    ``named_parameters()`` names, e.g. ``model.embed_tokens.weight``. Unsharded, the model's own tensors are returned.
+    """
+    if not sharded:
+        return FullState(dict(model.named_parameters()), optimizer=optimizer.state_dict() if optimizer else None)
+    full = get_model_state_dict(model, options=_FULL_CPU)
+    names = [name for name, _ in model.named_parameters()]
+    aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)}  # tied copies appear twice
+    state = FullState({n: full[n] for n in names if n in full}, gathered=True)
+    state.buffers = {k: v for k, v in full.items() if k not in aliases}
+    if optimizer is not None:
+        state.optimizer = _gather_optimizer(model, optimizer)
+    return state
+
+
+def _gather_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    if not optimizer.state:
+        # get_optimizer_state_dict would initialise an empty state by a zero step (AdamW's count would start at 1).
+        # Emptiness is the same on every rank, so all of them skip the collective together.
+        return optimizer.state_dict()
+    full = get_optimizer_state_dict(model, optimizer, options=_FULL_CPU)
+    if not full:  # ranks > 0
+        return {}
+    return _renumber(full, {name: i for i, name in enumerate(_param_names(model, optimizer))})
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Give each FSDP rank its shard of a full optimizer state (``state_dict()`` layout); every rank calls it."""
+    if not saved["state"]:  # no step was taken: nothing to shard, only the hyper-parameters
+        optimizer.load_state_dict(saved)
+        return
+    names = dict(enumerate(_param_names(model, optimizer)))
+    # Every rank holds the full state (read from the shared checkpoint), so nothing but tensors crosses ranks:
+    # broadcast_from_rank0 would send the non-tensor entries with broadcast_object_list, which pickles.
+    set_optimizer_state_dict(model, optimizer, _renumber(saved, names), options=StateDictOptions(full_state_dict=True))
+    # Its flattening turns tuples (AdamW's betas) into lists: restore the hyper-parameters exactly as saved.
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})

@@ -4,7 +4,7 @@ Launched by torchrun (``RANK``, ``WORLD_SIZE`` and ``MASTER_ADDR`` in the enviro
 process group: gloo on CPU, NCCL on CUDA (each rank on its ``LOCAL_RANK`` device). Launched as a plain process it
 runs alone and no group exists; every helper here then degrades to the single-rank result, so the train step has one
 code path. The group is created with an explicit timeout, which gloo and NCCL apply to every collective issued on
-it: a dead peer surfaces as an error after ``timeout_s`` instead of a hang.
+it (``learner.dist_timeout_s`` unless given): a dead peer surfaces as an error instead of a hang.
 
 Only tensors cross ranks. ``broadcast_bytes`` sends a length and then a uint8 tensor, never a pickled object
 (``broadcast_object_list`` unpickles whatever it receives).
@@ -23,9 +23,6 @@ import torch.distributed as dist
 from services.config import RunConfig
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TIMEOUT_S = 600.0
-"""Timeout of every collective of the learner's group; long enough for a slow proximal pass on CPU."""
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
 
@@ -55,8 +52,13 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in _TORCHRUN_ENV)
 
 
-def init_distributed(cfg: RunConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
-    """Join the default process group when launched by torchrun (gloo on CPU, NCCL on CUDA); else run alone."""
+def init_distributed(cfg: RunConfig, timeout_s: float | None = None) -> DistInfo:
+    """Join the default process group when launched by torchrun (gloo on CPU, NCCL on CUDA); else run alone.
+
+    `timeout_s` bounds every collective of the group; None takes ``cfg.learner.dist_timeout_s``.
+    """
+    if timeout_s is None:
+        timeout_s = cfg.learner.dist_timeout_s
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     wants_cuda = cfg.learner.device.startswith("cuda")

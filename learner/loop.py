@@ -2,9 +2,13 @@
 
 Rank 0 talks to Redis (feeder, batch assembly, policy hash, weight broadcast, metrics); every rank trains. Per step
 rank 0 broadcasts the step's samples to the other ranks as msgpack bytes (never pickles), all ranks run the same
-``Trainer.train_step``, and rank 0 then publishes version v+1. Scored entries are acknowledged only after a
-checkpoint that contains their update is on disk, so a crash at any point resumes exactly: the entries consumed
-after the last checkpoint are still pending for this consumer and are read again first (see LEARNER_DATAFLOW.md).
+``Trainer.train_step``, and rank 0 then publishes version v+1. Under FSDP each rank holds only shards, so whenever
+rank 0 needs the full weights (to publish, to checkpoint) it first tells the others to join the gather. The control
+messages: ``{"op": "step", "samples": ...}``, ``{"op": "gather", "optimizer": bool}``, ``{"op": "stop"}``.
+
+Scored entries are acknowledged only after a checkpoint that contains their update is on disk, so a crash at any
+point resumes exactly: the entries consumed after the last checkpoint are still pending for this consumer and are
+read again first (see LEARNER_DATAFLOW.md).
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ import msgpack
 import torch
 
 from learner.batch import AssemblerState, BatchAssembler, StepBatch, decode_samples, encode_samples
-from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.checkpoint import (
+    FullState,
+    gather_full_state,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from learner.data import load_items
 from learner.distributed import DistInfo, broadcast_bytes
 from learner.feeder import FeederState, PromptFeeder
@@ -49,6 +60,14 @@ def checkpoint_root(cfg: RunConfig) -> Path:
     return cfg.resolved_run_dir / "checkpoints"
 
 
+def fsdp_choice(cfg: RunConfig, dist: DistInfo) -> bool | None:
+    """``Trainer``'s use_fsdp for ``learner.fsdp``: auto decides there (CUDA with >1 rank); always shards whenever
+    there is more than one rank, gloo included; off never shards."""
+    if cfg.learner.fsdp == "auto":
+        return None
+    return cfg.learner.fsdp == "always" and dist.distributed
+
+
 def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -66,7 +85,6 @@ class Learner:
         self.tokenizer = load_tokenizer(path)
         self.model = load_model(path, cfg.model.dtype, dist.device)
         ref_model = load_model(path, cfg.model.dtype, dist.device) if cfg.learner.kl_beta > 0 else None
-        self.trainer = Trainer(cfg, self.model, dist, ref_model=ref_model)
         self.step = 0
         self.version = 0
         self.state: dict[str, Any] = {}
@@ -74,49 +92,75 @@ class Learner:
         latest = latest_checkpoint(root)
         if latest is not None and not resume:
             raise RunFolderInUse(f"{root} holds checkpoints: pass --resume to continue, or choose another run_dir")
+        if latest is not None:  # full weights go in before FSDP shards them
+            load_weights(latest, self.model)
+        self.trainer = Trainer(cfg, self.model, dist, ref_model=ref_model, use_fsdp=fsdp_choice(cfg, dist))
         if latest is not None:
-            self.state = load_checkpoint(latest, self.model, self.trainer.optimizer, self.trainer.scheduler)
+            optimizer, scheduler = self.trainer.optimizer, self.trainer.scheduler
+            self.state = load_checkpoint(latest, self.model, optimizer, scheduler, weights=False, sharded=self.fsdp)
             self.step, self.version = int(self.state["step"]), int(self.state["version"])
             log.info("resumed from %s at step %d, version %d", latest, self.step, self.version)
         self.latest_checkpoint = latest
 
+    @property
+    def fsdp(self) -> bool:
+        """True when the policy is sharded with FSDP (full weights then need a gather over all ranks)."""
+        return self.trainer.fsdp
+
     # ------------------------------------------------------------------ all ranks
 
-    def _train(self, samples_bytes: bytes) -> dict[str, float]:
+    def train_step(self, samples_bytes: bytes) -> dict[str, float]:
         """Rank 0: hand the step to the other ranks, then train on it."""
-        if self.dist.world_size > 1:
-            broadcast_bytes(msgpack.packb({"op": "step", "samples": samples_bytes}))
+        self._tell_followers({"op": "step", "samples": samples_bytes})
         return self.trainer.train_step(decode_samples(samples_bytes))
 
+    def gather(self, *, optimizer: bool = False) -> FullState:
+        """Rank 0: the policy's full weights (and optimizer state); under FSDP the other ranks join the gather."""
+        if self.fsdp:
+            self._tell_followers({"op": "gather", "optimizer": optimizer})
+        return gather_full_state(self.model, self.trainer.optimizer if optimizer else None, sharded=self.fsdp)
+
     def follow(self) -> None:
-        """Ranks > 0: train on what rank 0 broadcasts until it says stop."""
+        """Ranks > 0: train on what rank 0 broadcasts and join its gathers until it says stop."""
         while True:
             message = msgpack.unpackb(broadcast_bytes(None), raw=False)
-            if message["op"] == "stop":
+            op = message["op"]
+            if op == "stop":
                 return
-            self.trainer.train_step(decode_samples(message["samples"]))
+            if op == "step":
+                self.trainer.train_step(decode_samples(message["samples"]))
+            elif op == "gather":
+                optimizer = self.trainer.optimizer if message["optimizer"] else None
+                gather_full_state(self.model, optimizer, sharded=self.fsdp)
+            else:
+                raise ValueError(f"unknown control op {op!r} from rank 0")
 
-    def _stop_followers(self) -> None:
+    def stop_followers(self) -> None:
+        """Rank 0: release the other ranks from ``follow``."""
+        self._tell_followers({"op": "stop"})
+
+    def _tell_followers(self, message: dict[str, Any]) -> None:
         if self.dist.world_size > 1:
-            broadcast_bytes(msgpack.packb({"op": "stop"}))
+            broadcast_bytes(msgpack.packb(message))
 
     # ------------------------------------------------------------------ rank 0
 
-    def _checkpoint(self, feeder: PromptFeeder, assembler: BatchAssembler) -> Path:
-        state = {
-            "version": self.version,
-            "feeder": feeder.state().to_dict(),
-            "assembler": assembler.state().to_dict(),
-        }
+    def write_checkpoint(self, extra: dict[str, Any], full: FullState | None = None) -> Path:
+        """Rank 0: checkpoint the current step with `extra` JSON state; gathers (FSDP) unless `full` holds the
+        optimizer state already."""
+        if full is None or full.optimizer is None:
+            full = self.gather(optimizer=True)
         path = save_checkpoint(
             checkpoint_root(self.cfg),
             self.step,
             self.model,
             self.trainer.optimizer,
             self.trainer.scheduler,
-            state,
+            {"version": self.version, **extra},
             tokenizer=self.tokenizer,
             keep=self.cfg.learner.keep_checkpoints,
+            weights=full.checkpoint_weights(),
+            optimizer_state=full.optimizer,
         )
         self.latest_checkpoint = path
         return path
@@ -178,20 +222,27 @@ class Learner:
                 if batch is None:
                     break
                 wait_s = time.monotonic() - wait_start
-                train = await asyncio.to_thread(self._train, encode_samples(batch.samples))
+                train = await asyncio.to_thread(self.train_step, encode_samples(batch.samples))
                 self.step += 1
                 self.version += 1
                 pending_acks += batch.entry_ids
+                sync = self.version % cfg.learner.sync_every == 0
+                ckpt = self.step % cfg.learner.checkpoint_every == 0 or self.step == cfg.learner.steps
+                gather_start = time.monotonic()
+                # One gather serves both the broadcast and the checkpoint (a no-copy view without FSDP).
+                full = await asyncio.to_thread(self.gather, optimizer=ckpt) if sync or ckpt else None
+                gather_s = time.monotonic() - gather_start
                 sync_s = 0.0
-                if self.version % cfg.learner.sync_every == 0:
-                    report = await asyncio.to_thread(broadcaster.broadcast, self.model.named_parameters(), self.version)
+                if sync and full is not None:
+                    report = await asyncio.to_thread(broadcaster.broadcast, full.weights.items(), self.version)
                     sync_s = report.seconds
                     metrics.on_sync(report)
                 publisher.publish({VERSION: self.version, STEP: self.step})
                 ckpt_s = 0.0
-                if self.step % cfg.learner.checkpoint_every == 0 or self.step == cfg.learner.steps:
-                    ckpt_s = await self._checkpoint_and_ack(feeder, assembler, scored, pending_acks, publisher)
+                if ckpt:
+                    ckpt_s = await self._checkpoint_and_ack(feeder, assembler, scored, pending_acks, publisher, full)
                     pending_acks = []
+                del full  # gathered copies are a full CPU model: do not keep them through the next step
                 now = time.monotonic()
                 gen_tokens_per_s = float(batch.stats.get("gen_tokens", 0.0)) / max(1e-9, now - last_step_end)
                 last_step_end = now
@@ -199,6 +250,7 @@ class Learner:
                     "gen_tokens_per_s": gen_tokens_per_s,
                     "elapsed_s": now - started,
                     "wait_seconds": wait_s,
+                    "gather_seconds": gather_s,
                     "sync_seconds": sync_s,
                     "checkpoint_seconds": ckpt_s,
                     "prompts_released": feeder.state().released,
@@ -230,7 +282,7 @@ class Learner:
             if self.step < cfg.learner.steps and status == "done":
                 status = "stopped"
             publisher.publish({STATUS: status})
-            self._stop_followers()
+            self.stop_followers()
             broadcaster.close()
             metrics_file.close()
             metrics.close()
@@ -238,10 +290,17 @@ class Learner:
             sredis.close()
 
     async def _checkpoint_and_ack(
-        self, feeder: PromptFeeder, assembler: BatchAssembler, scored: StreamClient, acks: list[str], publisher: Any
+        self,
+        feeder: PromptFeeder,
+        assembler: BatchAssembler,
+        scored: StreamClient,
+        acks: list[str],
+        publisher: Any,
+        full: FullState | None = None,
     ) -> float:
         start = time.monotonic()
-        path = await asyncio.to_thread(self._checkpoint, feeder, assembler)
+        extra = {"feeder": feeder.state().to_dict(), "assembler": assembler.state().to_dict()}
+        path = await asyncio.to_thread(self.write_checkpoint, extra, full)
         await scored.ack(acks)  # only now: the checkpoint holds these groups' update
         publisher.publish({CHECKPOINT: str(path), CHECKPOINT_VERSION: self.version})
         log.info("checkpoint %s (version %d), acknowledged %d scored entries", path, self.version, len(acks))

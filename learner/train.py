@@ -15,7 +15,7 @@ mask and returns left-aligned response log-probs, which line up with the behavio
 
 Parallelism: on CPU (gloo) each rank keeps a full replica and gradients are all-reduced (summed) in flat buckets
 after accumulation. On CUDA with more than one rank the model is sharded with FSDP2 (``fully_shard``, bf16 compute,
-fp32 gradient reduction); that path is exercised only on GPUs (``apply_fsdp`` documents the unit layout).
+fp32 gradient reduction); ``learner.fsdp=on`` shards on gloo ranks too (``apply_fsdp`` documents the unit layout).
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ class PolicyScorer(nn.Module):
 def apply_fsdp(scorer: PolicyScorer, mixed_precision: bool = True) -> None:
     """Shard the policy in place with FSDP2: one unit per decoder layer, the output layer and decoder body as their
     own units when the output layer is not tied, and the scorer as the root unit (holding, with tied embeddings, the
-    shared embedding/output matrix, which must stay in one unit). Exercised only on GPUs (NCCL ranks)."""
+    shared embedding/output matrix, which must stay in one unit). Runs on NCCL ranks, and on gloo for tests."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     policy = scorer.policy
@@ -217,9 +217,12 @@ def apply_fsdp(scorer: PolicyScorer, mixed_precision: bool = True) -> None:
         fully_shard(decoder, **kwargs)
     fully_shard(scorer, **kwargs)
     # Each rank's loss is already divided by the step's global denominator: gradients must be summed, not averaged.
+    # A divide factor makes fp32/bf16 reductions PREMUL_SUM, which gloo lacks: there, plain SUM (then a x1 scale).
+    plain_sum = torch.distributed.get_backend() == "gloo"
     for module in scorer.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(plain_sum)
 
 
 class Trainer:

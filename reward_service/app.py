@@ -12,7 +12,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import cast
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, status
@@ -153,7 +154,7 @@ def create_app(cfg: RunConfig, *, run_worker: bool = True) -> FastAPI:
         worker: RewardWorker = request.app.state.worker
         start = time.perf_counter()
         try:
-            await worker.redis.ping()
+            await cast(Awaitable[bool], worker.redis.ping())
             group = _health_group()
             results = await worker.verify_all(group)
             scored = score_group(group, results, FitStamp(CLOSED_FIT), cfg.reward, overlong_buffer=4)

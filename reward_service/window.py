@@ -18,7 +18,7 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -29,6 +29,8 @@ from services.streams import call_with_retries, run_key
 
 T = TypeVar("T")
 
+# A refit takes milliseconds; a replica that dies holding the lock blocks the others' refits only this long.
+_LOCK_TTL_MS = 2000
 _FIT_FIELDS = ("tau", "error_rate", "exploit_correct_share", "explore_wrong_share", "gate_open", "window_size")
 
 
@@ -98,7 +100,9 @@ class PplWindow:
         return ppl, correct, int(count or 0)
 
     async def _stored_fit(self) -> tuple[FitStamp, int] | None:
-        raw = await self._call("PPL fit read", lambda: self.redis.hgetall(self.fit_key))
+        raw = await self._call(
+            "PPL fit read", lambda: cast(Awaitable[dict[bytes, bytes]], self.redis.hgetall(self.fit_key))
+        )
         if not raw:
             return None
         data = {k.decode(): v.decode() for k, v in raw.items()}
@@ -120,14 +124,16 @@ class PplWindow:
         mapping = {name: repr(float(getattr(fit, name))) for name in _FIT_FIELDS[:4]}
         mapping |= {"gate_open": "1" if fit.gate_open else "0", "window_size": str(fit.window_size)}
         mapping |= {"count": str(count), "fitted_at": repr(now)}
-        await self._call("PPL fit write", lambda: self.redis.hset(self.fit_key, mapping=mapping))
+        await self._call("PPL fit write", lambda: cast(Awaitable[int], self.redis.hset(self.fit_key, mapping=mapping)))
         self.refits += 1
         return FitStamp(fit, now)
 
     async def current(self) -> FitStamp:
         """The fit in force, refitting first when it is due and no other replica is already refitting."""
         stored = await self._stored_fit()
-        count = int(await self._call("PPL count", lambda: self.redis.get(self.count_key)) or 0)
+        count = int(
+            await self._call("PPL count", lambda: cast(Awaitable[bytes | None], self.redis.get(self.count_key))) or 0
+        )
         due = (
             stored is None
             or count - stored[1] >= self.refit_every_items
@@ -138,7 +144,7 @@ class PplWindow:
             return stored[0]
         won = await self._call(
             "PPL lock",
-            lambda: self.redis.set(self.lock_key, self._token, nx=True, px=max(1000, int(self.timeout_s * 1000))),
+            lambda: self.redis.set(self.lock_key, self._token, nx=True, px=_LOCK_TTL_MS),
         )
         if not won:
             return stored[0] if stored is not None else FitStamp(CLOSED_FIT, 0.0)

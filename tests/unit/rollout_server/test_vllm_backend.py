@@ -66,7 +66,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def vllm_backend(tiny_model_dir: Path) -> Iterator[Backend]:
     from rollout_server.backends.vllm import VLLMBackend
 
-    backend = VLLMBackend(tiny_model_dir, dtype="float32", enforce_eager=True)
+    backend = VLLMBackend(tiny_model_dir, dtype="float32", enforce_eager=True, num_threads=2)
+    assert torch.get_num_threads() == 2  # vLLM freezes torch.set_num_threads: the count must be set before
     yield backend
     backend.close()
 
@@ -122,6 +123,17 @@ def test_the_same_seed_gives_the_same_samples(vllm_backend: Backend) -> None:
         for ca, cb in zip(a.completions, b.completions, strict=True):
             np.testing.assert_array_equal(ca.logprobs, cb.logprobs)
     assert token_lists(first) != token_lists(other)
+
+
+def test_a_seeded_batch_larger_than_one_engine_step_samples_and_repeats(vllm_backend: Backend) -> None:
+    """64 requests of about 100 prompt tokens exceed one 4096-token step: seeded sampling must survive that."""
+    many = [
+        [{"role": "user", "content": f"Question {i}: " + "add one two three four five six " * 12}] for i in range(8)
+    ]
+    sampling = Sampling(temperature=1.0, max_new_tokens=4, seed=1)
+    first = vllm_backend.generate(many, 8, sampling)
+    assert sum(len(g.prompt_token_ids) for g in first) * 8 > 4096
+    assert token_lists(first) == token_lists(vllm_backend.generate(many, 8, sampling))
 
 
 def test_completions_end_and_decode_as_the_contract_says(vllm_backend: Backend) -> None:

@@ -197,3 +197,9 @@ def test_environment_text_fields_keep_raw_text() -> None:
     assert cfg.redis.password == "123456"
     assert cfg.reward.server.api_token == "yes"
     assert cfg.learner.steps == 9
+
+
+def test_choice_fields_keep_words_yaml_would_turn_into_booleans() -> None:
+    cfg = load_config(None, ["redis.appendfsync=no"], environ={"DIPO_LEARNER__FSDP": "never"})
+    assert cfg.learner.fsdp == "never"
+    assert cfg.redis.appendfsync == "no"
