@@ -43,7 +43,7 @@ from learner.policy import CHECKPOINT, CHECKPOINT_VERSION, STATUS, STEP, VERSION
 from learner.train import Trainer
 from learner.weight_sync import WeightBroadcaster
 from services.config import RunConfig
-from services.modeling.loading import load_model, load_tokenizer, resolve_model_path
+from services.modeling.loading import load_model, load_tokenizer, resolve_model_path, torch_dtype
 from services.streams import SCORED, StreamClient, StreamSpec, clients_from_config
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ class Learner:
         path = resolve_model_path(cfg.model.name_or_path, Path(cfg.model.cache_dir) if cfg.model.cache_dir else None)
         self.model_path = path
         self.tokenizer = load_tokenizer(path)
-        self.model = load_model(path, cfg.model.dtype, dist.device)
+        # float32 master weights; the Trainer computes in model.dtype on CUDA (bf16) and publishes in it.
+        self.model = load_model(path, "float32", dist.device)
         ref_model = load_model(path, cfg.model.dtype, dist.device) if cfg.learner.kl_beta > 0 else None
         self.step = 0
         self.version = 0
@@ -144,6 +145,12 @@ class Learner:
             broadcast_bytes(msgpack.packb(message))
 
     # ------------------------------------------------------------------ rank 0
+
+    def _published(self, full: FullState) -> list[tuple[str, torch.Tensor]]:
+        """The weights as rollout servers hold them: in model.dtype (the learner keeps float32 masters)."""
+        dtype = torch_dtype(self.cfg.model.dtype)
+        return [(name, t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)) for name, t in
+                full.weights.items()]  # fmt: skip
 
     def write_checkpoint(self, extra: dict[str, Any], full: FullState | None = None) -> Path:
         """Rank 0: checkpoint the current step with `extra` JSON state; gathers (FSDP) unless `full` holds the
@@ -234,7 +241,7 @@ class Learner:
                 gather_s = time.monotonic() - gather_start
                 sync_s = 0.0
                 if sync and full is not None:
-                    report = await asyncio.to_thread(broadcaster.broadcast, full.weights.items(), self.version)
+                    report = await asyncio.to_thread(broadcaster.broadcast, self._published(full), self.version)
                     sync_s = report.seconds
                     metrics.on_sync(report)
                 publisher.publish({VERSION: self.version, STEP: self.step})

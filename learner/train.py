@@ -45,6 +45,7 @@ from learner.losses import (
     select_old_logp,
 )
 from services.config import LearnerConfig, RunConfig
+from services.modeling.loading import torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -183,18 +184,23 @@ class PolicyScorer(nn.Module):
     unshards the parameters that ``score_responses`` reaches outside the decoder layers (embeddings, final norm,
     a tied output layer), since it calls the decoder and the output layer separately, never ``model.forward``."""
 
-    def __init__(self, policy: nn.Module) -> None:
+    def __init__(self, policy: nn.Module, autocast_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.policy = policy
+        self.autocast_dtype = autocast_dtype
+        """Compute dtype of the forward when the parameters stay float32 (bf16 training on one CUDA device)."""
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, temperature: float
     ) -> tuple[Tensor, Tensor]:
         """Return (log-probs, entropies) of the response tokens, as ``score_responses``."""
-        return score_responses(self.policy, input_ids, attention_mask, response_mask, temperature)
+        if self.autocast_dtype is None:
+            return score_responses(self.policy, input_ids, attention_mask, response_mask, temperature)
+        with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype):
+            return score_responses(self.policy, input_ids, attention_mask, response_mask, temperature)
 
 
-def apply_fsdp(scorer: PolicyScorer, mixed_precision: bool = True) -> None:
+def apply_fsdp(scorer: PolicyScorer, mixed_precision: bool = True, param_dtype: torch.dtype = torch.bfloat16) -> None:
     """Shard the policy in place with FSDP2: one unit per decoder layer, the output layer and decoder body as their
     own units when the output layer is not tied, and the scorer as the root unit (holding, with tied embeddings, the
     shared embedding/output matrix, which must stay in one unit). Runs on NCCL ranks, and on gloo for tests."""
@@ -203,7 +209,7 @@ def apply_fsdp(scorer: PolicyScorer, mixed_precision: bool = True) -> None:
     policy = scorer.policy
     kwargs: dict[str, object] = {}
     if mixed_precision:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     decoder = policy.get_decoder()
     head = policy.get_output_embeddings()
     layers = getattr(decoder, "layers", None)
@@ -245,11 +251,17 @@ class Trainer:
         if lc.gradient_checkpointing:
             # Non-reentrant checkpointing works with FSDP2 and with inputs that do not require grad.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.scorer = PolicyScorer(self.model)
+        # Master weights and AdamW state stay in the model's dtype (float32 from the learner); on CUDA the forward
+        # runs in model.dtype (bf16): FSDP2's mixed precision when sharded, autocast on a single device. Pure-bf16
+        # parameters would round most updates at RL learning rates (~1e-6) to nothing.
+        compute = torch_dtype(cfg.model.dtype)
+        master = next(model.parameters()).dtype
+        low_precision = dist.device.type == "cuda" and compute != torch.float32 and master == torch.float32
         # FSDP2 by default only with NCCL ranks; use_fsdp=True forces it (e.g. to try it on gloo).
         self.fsdp = dist.world_size > 1 and dist.device.type == "cuda" if use_fsdp is None else use_fsdp
+        self.scorer = PolicyScorer(self.model, compute if low_precision and not self.fsdp else None)
         if self.fsdp:
-            apply_fsdp(self.scorer, mixed_precision=dist.device.type == "cuda")
+            apply_fsdp(self.scorer, mixed_precision=low_precision, param_dtype=compute)
         self.ref_model = ref_model.to(dist.device).eval().requires_grad_(False) if ref_model is not None else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -309,7 +321,7 @@ class Trainer:
     def _score_no_grad(self, model: nn.Module | None, batches: Sequence[MicroBatch]) -> list[Tensor | None]:
         """Response log-probs of every micro-batch without autograd, in eval mode (no dropout)."""
         assert model is not None
-        scorer = model if isinstance(model, PolicyScorer) else PolicyScorer(model)
+        scorer = model if isinstance(model, PolicyScorer) else PolicyScorer(model, self.scorer.autocast_dtype)
         was_training = scorer.training
         scorer.eval()
         out: list[Tensor | None] = []
