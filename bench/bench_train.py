@@ -80,6 +80,20 @@ def build_samples(seed: int = 0) -> list[Sample]:
     ]  # fmt: skip
 
 
+MODES = ("trainer", "trainer_none", "trainer_gc", "bare")
+"""trainer: correction=tis (an extra no-grad forward for the proximal log-probs); trainer_none: the same work as
+bare (one forward+backward+AdamW), so their ratio is the learner's overhead."""
+
+
+def stretch(sample: Sample, total: int) -> Sample:
+    """Extend the response with repeated tokens so prompt + response is ``total`` tokens (a fixed-shape batch)."""
+    extra = max(0, total - len(sample.prompt_ids) - len(sample.response_ids))
+    response = np.concatenate([sample.response_ids, np.full(extra, sample.response_ids[-1], np.uint32)])
+    logprobs = np.concatenate([sample.behaviour_logprobs, np.full(extra, -1.0, np.float32)])
+    return Sample(sample.group_id, sample.prompt_ids, response, logprobs, sample.advantage, sample.temperature,
+                  sample.version)  # fmt: skip
+
+
 def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, samples: list[Sample]) -> None:
     """Forward over every position (full logits), token-mean policy-gradient loss, backward, AdamW."""
     batch = collate(samples, CPU.device)
@@ -106,7 +120,8 @@ def worker(mode: str, samples_file: Path, runs: int, threads: int) -> dict[str, 
             bare_step(model, optimizer, samples)
             seconds.append(time.perf_counter() - start)
     else:
-        learner = {"lr": 1e-6, "correction": "tis", "gradient_checkpointing": mode == "trainer_gc"}
+        correction = "none" if mode == "trainer_none" else "tis"
+        learner = {"lr": 1e-6, "correction": correction, "gradient_checkpointing": mode == "trainer_gc"}
         trainer = Trainer(RunConfig.model_validate({"learner": learner}), model, CPU)
         for _ in range(runs):
             metrics = trainer.train_step(samples)
@@ -126,7 +141,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="timed steps per configuration")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--worker", choices=["trainer", "trainer_gc", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--seq-len", type=int, default=0,
+                        help="pad every response so prompt+response is this many tokens (0: as sampled)")  # fmt: skip
     parser.add_argument("--samples-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -135,19 +152,23 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     samples = build_samples()
+    if args.seq_len:
+        samples = [stretch(s, args.seq_len) for s in samples]
     lengths = [len(s.response_ids) for s in samples]
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
         samples_file = Path(tmp) / "samples.msgpack"
         samples_file.write_bytes(encode_samples(samples))
-        for mode in ("trainer", "trainer_gc", "bare"):
+        for mode in MODES:
             cmd = [sys.executable, __file__, "--worker", mode, "--samples-file", str(samples_file)]
             cmd += ["--runs", str(args.runs), "--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"{mode}: {results[mode]}")
     trainer_s = results["trainer"]["seconds_per_step_median"]  # type: ignore[index]
+    none_s = results["trainer_none"]["seconds_per_step_median"]  # type: ignore[index]
     bare_s = results["bare"]["seconds_per_step_median"]  # type: ignore[index]
+    tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     figures = {
         "workload": {
             "model": DEFAULT_MODEL,
@@ -161,7 +182,10 @@ def main() -> None:
             "threads": args.threads,
         },
         **results,
+        "tokens_per_step": tokens,
+        "tokens_per_s": {m: round(tokens / r["seconds_per_step_median"], 1) for m, r in results.items()},  # type: ignore[index]
         "speedup_trainer_vs_bare": round(bare_s / trainer_s, 2),
+        "overhead_trainer_none_vs_bare": round(none_s / bare_s - 1, 3),
         "reference_bare_step_s": REFERENCE_BARE_STEP_S,
     }
     path = write_result("train", figures)
