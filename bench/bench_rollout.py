@@ -215,7 +215,10 @@ def main() -> None:
     }
     if not args.skip_weights:
         figures["weights"] = measure_weights(hf, vllm, args.runs)
-    figures["load_average_1_5_15"] = {"before": [round(x, 2) for x in load_before], "after": list(os.getloadavg())}
+    figures["load_average_1_5_15"] = {
+        "before": [round(x, 2) for x in load_before],
+        "after": [round(x, 2) for x in os.getloadavg()],
+    }
     path = write_result("rollout", figures)
     print(f"{figures['generation']} -> {path}")
     if vllm is not None:

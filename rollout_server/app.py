@@ -52,7 +52,7 @@ def backend_from_config(cfg: RunConfig) -> Backend:
         return create_backend("hf", model=folder, device=rc.device, dtype=cfg.model.dtype, num_threads=rc.torch_threads)
     return create_backend(
         "vllm", model=folder, dtype=cfg.model.dtype, gpu_memory_utilization=rc.gpu_memory_utilization,
-        seed=cfg.sampling.seed or 0,
+        seed=cfg.sampling.seed or 0, num_threads=rc.torch_threads,
     )  # fmt: skip
 
 

