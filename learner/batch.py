@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from learner.advantages import group_advantages
 from services.config import RunConfig
 from services.protocol import ProtocolError, ScoredGroup
-from services.streams import DATA_FIELD, SCORED, Entry, StreamClient, StreamSpec, call_with_retries
+from services.streams import DATA_FIELD, SCORED, Entry, StreamClient, call_with_retries
 
 log = logging.getLogger(__name__)
 
@@ -314,18 +314,7 @@ class BatchAssembler:
         self.cfg = cfg
         self.redis = redis
         self.consumer = consumer
-        rc = cfg.redis
-        self.client = StreamClient(
-            redis,
-            StreamSpec(cfg.name, SCORED),
-            LEARNER_GROUP,
-            consumer,
-            max_deliveries=cfg.streams.max_deliveries,
-            timeout_s=rc.socket_timeout_s,
-            retries=rc.retries,
-            backoff_base_s=rc.backoff_base_s,
-            backoff_cap_s=rc.backoff_max_s,
-        )
+        self.client = StreamClient.from_config(redis, cfg, SCORED, LEARNER_GROUP, consumer)
         self.on_settled = on_settled
         self.seen_capacity = seen_capacity
         self._seen: OrderedDict[str, None] = OrderedDict()

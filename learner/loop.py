@@ -44,7 +44,7 @@ from learner.train import Trainer
 from learner.weight_sync import WeightBroadcaster
 from services.config import RunConfig
 from services.modeling.loading import load_model, load_tokenizer, resolve_model_path, torch_dtype
-from services.streams import SCORED, StreamClient, StreamSpec, clients_from_config
+from services.streams import StreamClient, clients_from_config
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,7 @@ class Learner:
         assembler = BatchAssembler(
             cfg, aredis, CONSUMER, seen_ids=restored.seen_ids, totals=restored.totals, on_settled=feeder.settle
         )
-        scored = StreamClient(aredis, StreamSpec(cfg.name, SCORED), "learner", CONSUMER,
-                              timeout_s=cfg.redis.socket_timeout_s, retries=cfg.redis.retries)  # fmt: skip
+        scored = assembler.client  # acks go through the assembler's consumer
         lc = cfg.learner
         broadcaster = WeightBroadcaster(
             lc.weight_sync_host,

@@ -55,18 +55,7 @@ class RewardWorker:
         self.verifiers = verifiers
         self.metrics = metrics or RewardMetrics()
         self.consumer = consumer or default_consumer_name()
-        rc = cfg.redis
-        self.rollouts = StreamClient(
-            redis,
-            StreamSpec(cfg.name, ROLLOUTS),
-            GROUP,
-            self.consumer,
-            max_deliveries=cfg.streams.max_deliveries,
-            timeout_s=rc.socket_timeout_s,
-            retries=rc.retries,
-            backoff_base_s=rc.backoff_base_s,
-            backoff_cap_s=rc.backoff_max_s,
-        )
+        self.rollouts = StreamClient.from_config(redis, cfg, ROLLOUTS, GROUP, self.consumer)
         self.scored_spec = StreamSpec(cfg.name, SCORED)
         self._windows: dict[str, PplWindow] = {}
         self._recent_failures: collections.deque[bool] = collections.deque(maxlen=_FAILURE_WINDOW)

@@ -129,18 +129,7 @@ class RolloutWorker:
         self.metrics = metrics or RolloutMetrics()
         self.consumer = consumer or default_consumer_name()
         self.weights = weights or PolicyWeights(backend)
-        rc = cfg.redis
-        self.prompts = StreamClient(
-            redis,
-            StreamSpec(cfg.name, PROMPTS),
-            GROUP,
-            self.consumer,
-            max_deliveries=cfg.streams.max_deliveries,
-            timeout_s=rc.socket_timeout_s,
-            retries=rc.retries,
-            backoff_base_s=rc.backoff_base_s,
-            backoff_cap_s=rc.backoff_max_s,
-        )
+        self.prompts = StreamClient.from_config(redis, cfg, PROMPTS, GROUP, self.consumer)
         self.rollouts_spec = StreamSpec(cfg.name, ROLLOUTS)
         self.policy_key = run_key(cfg.name, POLICY)
         self._done = RecentIds()  # (prompt_id, dispatch_version) answered here: drop at-least-once duplicates

@@ -26,7 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry as SyncRetry
 
-from services.config import RedisConfig
+from services.config import RedisConfig, RunConfig
 from services.protocol import DeadLetter, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,24 @@ class StreamClient:
         # a BLOCK longer than the socket timeout would read as a dead connection
         socket_timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
         self._max_block_ms = int(socket_timeout * 500) if socket_timeout else None
+
+    @classmethod
+    def from_config(
+        cls, redis: aioredis.Redis, cfg: RunConfig, name: str, group: str | None = None, consumer: str | None = None
+    ) -> StreamClient:
+        """A client for stream ``name`` of the run, with the run config's delivery limit, timeouts and retries."""
+        rc = cfg.redis
+        return cls(
+            redis,
+            StreamSpec(cfg.name, name),
+            group,
+            consumer,
+            max_deliveries=cfg.streams.max_deliveries,
+            timeout_s=rc.socket_timeout_s,
+            retries=rc.retries,
+            backoff_base_s=rc.backoff_base_s,
+            backoff_cap_s=rc.backoff_max_s,
+        )
 
     # ------------------------------------------------------------ plumbing
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 import torch
+from model_factories import save_tiny_llama
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from learner.checkpoint import OPTIMIZER_FILE, STATE_FILE, checkpoint_dir_name, load_model_weights
 from learner.distributed import DistInfo
 from learner.loop import Learner
-from services.modeling.loading import load_tokenizer
 
 SCRIPT = Path(__file__).with_name("_fsdp_loop.py")
 TOLERANCE = 1e-6
@@ -33,24 +33,7 @@ pytestmark = pytest.mark.timeout(240)
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random tied-embedding Llama with the SmolLM2 tokenizer, saved as a Hugging Face folder."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, hidden_size=32, intermediate_size=64, heads=4, kv_heads=2, max_positions=256)
 
 
 def build_cfg(model: Path, run_dir: Path) -> Any:

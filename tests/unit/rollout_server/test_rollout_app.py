@@ -14,15 +14,15 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from model_factories import save_tiny_llama
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from rollout_server.app import create_app
 from rollout_server.backends import Sampling
 from rollout_server.backends.hf import HFBackend
 from rollout_server.sync import CheckpointError, PolicyView, PolicyWeights, read_checkpoint
 from services.config import RunConfig, load_config
-from services.modeling.loading import DEFAULT_MODEL, load_tokenizer
 
 torch.set_num_threads(1)
 
@@ -35,24 +35,7 @@ MESSAGES = [{"role": "user", "content": "What is 3 + 4?"}]
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with the default model's tokenizer and chat template."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = load_tokenizer(DEFAULT_MODEL)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, intermediate_size=64, max_positions=256)
 
 
 def _config(**overrides: object) -> RunConfig:

