@@ -70,9 +70,11 @@ def run_backend(backend: HFBackend, prompts: list[list[dict[str, str]]], seed: i
 
 
 @torch.inference_mode()
-def run_bare_generate(backend: HFBackend, prompts: list[list[dict[str, str]]], seed: int) -> dict[str, float]:
-    """Time `model.generate` on the same left-padded batch of prompts × samples."""
-    prompt_ids = [ids for ids in backend.encode_prompts(prompts) for _ in range(SAMPLES_PER_PROMPT)]
+def bare_generate(
+    backend: HFBackend, prompts: list[list[dict[str, str]]], samples: int, max_new_tokens: int, seed: int
+) -> tuple[float, int, list[str]]:
+    """Time `model.generate` on prompts x samples, left-padded into one batch: (seconds, tokens, texts)."""
+    prompt_ids = [ids for ids in backend.encode_prompts(prompts) for _ in range(samples)]
     pad_id = backend.tokenizer.pad_token_id
     input_ids, mask = left_pad(prompt_ids, pad_id, backend.device)
     torch.manual_seed(seed)
@@ -84,7 +86,7 @@ def run_bare_generate(backend: HFBackend, prompts: list[list[dict[str, str]]], s
         temperature=1.0,
         top_k=0,  # transformers' default top_k=50 would truncate
         top_p=1.0,
-        max_new_tokens=MAX_NEW_TOKENS,
+        max_new_tokens=max_new_tokens,
         pad_token_id=pad_id,
     )
     seconds = time.perf_counter() - start
@@ -93,7 +95,13 @@ def run_bare_generate(backend: HFBackend, prompts: list[list[dict[str, str]]], s
     finished = torch.isin(new, torch.tensor(sorted(backend.eos_token_ids), device=new.device))
     after_eos = (finished.long().cumsum(-1) - finished.long()) > 0
     texts = backend.tokenizer.batch_decode(new.masked_fill(after_eos, pad_id), skip_special_tokens=True)
-    return {"seconds": seconds, "tokens": int((~after_eos).sum()), "correct_share": boxed_correct_share(texts)}
+    return seconds, int((~after_eos).sum()), texts
+
+
+def run_bare_generate(backend: HFBackend, prompts: list[list[dict[str, str]]], seed: int) -> dict[str, float]:
+    """Time `model.generate` on the reference workload's batch."""
+    seconds, tokens, texts = bare_generate(backend, prompts, SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, seed)
+    return {"seconds": seconds, "tokens": tokens, "correct_share": boxed_correct_share(texts)}
 
 
 def summarise(runs: list[dict[str, float]]) -> dict[str, float]:

@@ -26,11 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from _common import write_result
-from bench_generate import EXAMPLE, INSTRUCTION, QUESTION
+from bench_generate import EXAMPLE, INSTRUCTION, QUESTION, bare_generate
 from bench_weight_sync import broadcast_seconds
 
 from rollout_server.backends import Backend, Sampling
-from rollout_server.backends.hf import HFBackend, left_pad
+from rollout_server.backends.hf import HFBackend
 from services.modeling.loading import DEFAULT_MODEL
 
 SAMPLES_PER_PROMPT = 8
@@ -56,30 +56,10 @@ def run_backend(backend: Backend, seed: int) -> Run:
     return {"seconds": seconds, "tokens": sum(len(c.token_ids) for g in groups for c in g.completions)}
 
 
-@torch.inference_mode()
 def run_bare_generate(backend: HFBackend, seed: int) -> Run:
     """Time `model.generate` on the same prompts x samples, left-padded into one batch."""
-    prompt_ids = [ids for ids in backend.encode_prompts(prompts()) for _ in range(SAMPLES_PER_PROMPT)]
-    pad_id = backend.tokenizer.pad_token_id
-    input_ids, mask = left_pad(prompt_ids, pad_id, backend.device)
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    output = backend.model.generate(
-        input_ids=input_ids,
-        attention_mask=mask,
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,  # transformers' default top_k=50 would truncate
-        top_p=1.0,
-        max_new_tokens=MAX_NEW_TOKENS,
-        pad_token_id=pad_id,
-    )
-    seconds = time.perf_counter() - start
-    new = output[:, input_ids.shape[1] :]
-    # Tokens up to and including the first EOS; later positions are padding written while other rows decoded.
-    finished = torch.isin(new, torch.tensor(sorted(backend.eos_token_ids), device=new.device))
-    after_eos = (finished.long().cumsum(-1) - finished.long()) > 0
-    return {"seconds": seconds, "tokens": int((~after_eos).sum())}
+    seconds, tokens, _ = bare_generate(backend, prompts(), SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, seed)
+    return {"seconds": seconds, "tokens": tokens}
 
 
 def summarise(runs: list[Run]) -> dict[str, Any]:
