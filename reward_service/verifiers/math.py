@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import logging
 import multiprocessing
 import queue
 import re
-import resource
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -28,10 +25,10 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
-from types import FrameType
 from typing import Literal
 
 from reward_service.verifiers.base import Status, VerifyResult
+from reward_service.verifiers.math_worker import decode_message, encode_message, worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +39,6 @@ _BRACE_EVENTS = re.compile(r"\\.|[{}]", re.DOTALL)
 _OPENERS = frozenset("{([")
 _CLOSERS = frozenset("})]")
 _POLL_S = 0.5
-# First comparisons of each kind fill sympy's caches (up to ~0.8 s each); paying that at worker start keeps it out
-# of the first real items' latency and timeout.
-_WARM_UP = (("\\frac{1}{2}", "0.5"), ("2\\sqrt{2}", "\\sqrt{10}"), ("[1, 2)", "(1, 2]"), ("x^2+1", "(x+1)^2"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,95 +211,6 @@ def _gold_answer(gold: str) -> str:
     return _strip_delimiters(body if body is not None else gold)
 
 
-# ---- Worker process side
-
-
-class _SoftTimeout(BaseException):
-    """Raised by the worker's interval timer; a BaseException so math-verify's ``except Exception`` lets it pass."""
-
-
-def _on_alarm(signum: int, frame: FrameType | None) -> None:
-    raise _SoftTimeout
-
-
-def _encode(*fields: str | float) -> bytes:
-    return json.dumps(fields).encode()
-
-
-def _decode(data: bytes) -> list[str | float]:
-    fields = json.loads(data)
-    if not isinstance(fields, list) or not fields:
-        raise ValueError("malformed pool message")
-    return fields
-
-
-def _parse_answer(text: str, boxed_first: bool) -> list[object]:
-    """math-verify parse of ``text``, trying it wrapped in ``\\boxed{}`` and raw, in the given order."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-
-    config = [LatexExtractionConfig(), ExprExtractionConfig()]
-    candidates = ["\\boxed{" + text + "}", text]
-    for candidate in candidates if boxed_first else candidates[::-1]:
-        # parsing_timeout=None: math-verify's own signal.alarm would fight ours; our timer bounds the call.
-        parsed = parse(candidate, config, fallback_mode="no_fallback", parsing_timeout=None)
-        if parsed:
-            return list(parsed)
-    return []
-
-
-def _compare(answer: str, source: str, gold: str, rounding: int, precision: int) -> tuple[str, str]:
-    """Status and detail of one comparison, without any time bound."""
-    from math_verify import verify
-
-    gold_parsed = _parse_answer(gold, boxed_first=True)
-    if not gold_parsed:
-        return Status.UNPARSABLE.value, "gold answer is not parsable by math-verify"
-    # Boxed answers are LaTeX; fallback lines are prose, where math-verify's own extraction does better raw.
-    answer_parsed = _parse_answer(answer, boxed_first=source == "boxed")
-    if not answer_parsed:
-        return Status.UNPARSABLE.value, "answer is not parsable by math-verify"
-    same = verify(
-        gold_parsed, answer_parsed, float_rounding=rounding, numeric_precision=precision, timeout_seconds=None
-    )
-    return (Status.CORRECT.value if same else Status.WRONG.value), ""
-
-
-def _compare_within(request: list[str | float], rounding: int, precision: int) -> tuple[str, str]:
-    """Run one comparison under the worker's soft timeout; never raises."""
-    _, answer, source, gold, timeout_s = request
-    try:
-        try:
-            signal.setitimer(signal.ITIMER_REAL, float(timeout_s))
-            return _compare(str(answer), str(source), str(gold), rounding, precision)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _SoftTimeout:
-        return Status.TIMEOUT.value, f"comparison exceeded {float(timeout_s):g} s (soft timeout)"
-    except Exception as exc:  # deliberately tolerated: reported as status error, counted by the service
-        return Status.ERROR.value, f"math worker raised {type(exc).__name__}: {str(exc)[:200]}"
-
-
-def _worker_main(conn: Connection, rounding: int, precision: int, memory_limit_mb: int) -> None:
-    """Worker process body: warm up, say ready, then answer requests until told to stop or the parent is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes the pool
-    signal.signal(signal.SIGALRM, _on_alarm)
-    if memory_limit_mb > 0:
-        limit = memory_limit_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every timeout we configure away
-    for answer, gold in _WARM_UP:
-        _compare(answer, "boxed", gold, rounding, precision)
-    conn.send_bytes(_encode("ready"))
-    while True:
-        try:
-            request = _decode(conn.recv_bytes())
-        except EOFError:
-            return
-        if request[0] != "verify":
-            return
-        conn.send_bytes(_encode(*_compare_within(request, rounding, precision)))
-
-
 # ---- Parent side: the pool
 
 
@@ -368,7 +273,7 @@ class _Slot:
             logger.warning("math worker %s died while idle (exit code %s)", self.pid, self._discard_worker())
         parent_conn, child_conn = self._pool.context.Pipe(duplex=True)
         process = self._pool.context.Process(
-            target=_worker_main, args=(child_conn, *self._pool.worker_args), name=f"math-worker-{self.index}"
+            target=worker_main, args=(child_conn, *self._pool.worker_args), name=f"math-worker-{self.index}"
         )
         process.daemon = True
         process.start()
@@ -389,7 +294,7 @@ class _Slot:
         try:
             while not self._pool.closed and time.monotonic() < deadline:
                 if conn.poll(_POLL_S):
-                    return _decode(conn.recv_bytes()) == ["ready"]
+                    return decode_message(conn.recv_bytes()) == ["ready"]
         except (EOFError, OSError, ValueError):
             pass
         return False
@@ -398,9 +303,9 @@ class _Slot:
         assert self._conn is not None, "a job runs only on a ready worker"
         deadline = job.timeout_s + self._pool.options.kill_grace_s
         try:
-            self._conn.send_bytes(_encode("verify", job.answer, job.source, job.gold, job.timeout_s))
+            self._conn.send_bytes(encode_message("verify", job.answer, job.source, job.gold, job.timeout_s))
             if self._conn.poll(deadline):
-                status, detail = _decode(self._conn.recv_bytes())
+                status, detail = decode_message(self._conn.recv_bytes())
                 return _result(Status(str(status)), job.answer, str(detail))
         except (EOFError, OSError, ValueError) as exc:  # a dead worker, or a reply that is not (status, detail)
             exit_code = self._kill_worker()
@@ -443,7 +348,7 @@ class _Slot:
         """Ask the worker to exit, and kill it if it does not within a second."""
         if self._conn is not None and self.process is not None and self.process.is_alive():
             try:
-                self._conn.send_bytes(_encode("stop"))
+                self._conn.send_bytes(encode_message("stop"))
                 self.process.join(timeout=1.0)
             except OSError:
                 pass
