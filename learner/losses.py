@@ -29,6 +29,9 @@ from torch import Tensor, nn
 Normalisation = Literal["token", "sequence", "constant"]
 Correction = Literal["tis", "none"]
 
+MIN_TEMPERATURE = 1e-3
+"""Smallest temperature the scores are computed at (see ``score_responses``)."""
+
 LOG_RATIO_CLAMP = 20.0
 """Log-ratios are clamped to ±20 before exp: a token that far off-policy would otherwise overflow to inf/NaN."""
 
@@ -316,7 +319,9 @@ def score_responses(
     rows, pos = rm.nonzero(as_tuple=True)
     cols = (rm.long().cumsum(dim=1) - 1)[rows, pos]
     logits = head(hidden[rows, pos - 1])  # [N_response_tokens, V]: only response positions reach the vocabulary
-    logits = logits.to(_compute_dtype(logits.dtype)) / temperature
+    # A temperature that rounds to 0 would turn the logits into inf and every log-prob into NaN; below
+    # MIN_TEMPERATURE sampling is greedy anyway, so the scores of such a (hostile or mistyped) task are taken there.
+    logits = logits.to(_compute_dtype(logits.dtype)) / max(temperature, MIN_TEMPERATURE)
     targets = input_ids[rows, pos].unsqueeze(-1)
     token_logp = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 

@@ -43,6 +43,16 @@ class GenerateSampling(_Body):
 class GenerateRequest(_Body):
     """``POST /v1/generate``: sample n completions of one prompt, given as chat messages or as rendered text."""
 
+    # The schema states the either-or of `_check` too, so clients and schema fuzzers can build valid requests.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+            ]
+        },
+    )
     v: Literal[1] = API_VERSION
     messages: list[ChatTurn] | None = Field(None, min_length=1, max_length=256)
     prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)

@@ -13,10 +13,11 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from rollout_server.api_models import (
     CompletionBody,
@@ -31,7 +32,7 @@ from rollout_server.metrics import RolloutMetrics
 from rollout_server.sync import CheckpointError, PolicyWeights, WeightSync
 from rollout_server.worker import RolloutWorker, default_consumer_name
 from services.config import RunConfig
-from services.http import bearer_auth, read_body
+from services.http import bearer_auth, json_body_schema, read_body
 from services.metrics import metrics_asgi_app
 from services.modeling.loading import resolve_model_path
 from services.streams import clients_from_config
@@ -54,6 +55,11 @@ def backend_from_config(cfg: RunConfig) -> Backend:
         "vllm", model=folder, dtype=cfg.model.dtype, gpu_memory_utilization=rc.gpu_memory_utilization,
         seed=cfg.sampling.seed or 0, num_threads=rc.torch_threads,
     )  # fmt: skip
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI of a JSON body the route reads itself (to cap its size), so clients and fuzzers see its schema."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": json_body_schema(model)}}}}
 
 
 def _worker_state(task: asyncio.Task[None] | None) -> str:
@@ -149,13 +155,11 @@ def create_app(
                              worker=worker)  # fmt: skip
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
-    json_body = {"application/json": {"schema": GenerateRequest.model_json_schema()}}
-
     @app.post(
         "/v1/generate",
         response_model=GenerateResponse,
         dependencies=[Depends(auth)],
-        openapi_extra={"requestBody": {"required": True, "content": json_body}},
+        openapi_extra=_json_body(GenerateRequest),
     )
     async def generate(request: Request) -> GenerateResponse:
         """Sample n completions of one prompt with the weights in place (ad hoc; nothing goes to the streams)."""
@@ -184,7 +188,12 @@ def create_app(
             seconds=time.perf_counter() - start,
         )
 
-    @app.post("/v1/weights/reload", response_model=ReloadResponse, dependencies=[Depends(auth)])
+    @app.post(
+        "/v1/weights/reload",
+        response_model=ReloadResponse,
+        dependencies=[Depends(auth)],
+        openapi_extra=_json_body(ReloadRequest),
+    )
     async def reload(request: Request) -> ReloadResponse:
         """Load a checkpoint folder's weights (validated first: a folder of another model changes nothing)."""
         raw = await read_body(request, server.max_body_bytes)

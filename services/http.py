@@ -10,8 +10,33 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException, Request, status
+from pydantic import BaseModel
 
 BodyReader = Callable[[Request], Awaitable[bytes]]
+
+
+def json_body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` inlined, for an OpenAPI ``requestBody`` written by hand.
+
+    Routes that read their body themselves (to cap its size) declare it through ``openapi_extra``; pydantic's schema
+    refers to nested models as ``#/$defs/Name``, which inside an OpenAPI document points nowhere, so clients and
+    fuzzers could not build a body from it. The API models are not recursive, so inlining terminates.
+    """
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline({**defs[ref.removeprefix("#/$defs/")], **{k: v for k, v in node.items() if k != "$ref"}})
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    inlined: dict[str, Any] = inline(schema)
+    return inlined
 
 
 def bearer_auth(token: str | None) -> Callable[[Request], None]:

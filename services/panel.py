@@ -147,7 +147,10 @@ class RunMonitor:
         self._streams: dict[str, int] = {}
         self._client: redis.Redis | None = None
         if redis_url:
-            self._client = connect_sync(redis_url, timeout_s=_REDIS_TIMEOUT_S, retries=0, password=cfg.redis.password)
+            rc = cfg.redis  # the same password and TLS options as every process of the run
+            self._client = connect_sync(redis_url, timeout_s=_REDIS_TIMEOUT_S, retries=0, password=rc.password,
+                                        ssl_ca_certs=rc.tls_ca_file, ssl_certfile=rc.tls_cert_file,
+                                        ssl_keyfile=rc.tls_key_file)  # fmt: skip
 
     def snapshot(self) -> Snapshot:
         """Read what changed since the last snapshot."""

@@ -246,6 +246,8 @@ def _python_call(node: ast.expr) -> ToolCall:
     for keyword in node.keywords:
         if keyword.arg is None:
             raise CallParseError("** unpacking is not allowed")
+        if keyword.arg in arguments:  # ast.parse accepts f(a=1, a=2); only compiling it would fail
+            raise CallParseError(f"keyword argument {keyword.arg!r} repeated")
         arguments[keyword.arg] = _literal(keyword.value, 1)
     return ToolCall(_checked_name(_dotted_name(node.func)), arguments)
 

@@ -203,8 +203,10 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the top token always stays.
+        # Drop a token when the tokens ranked above it already reach top_p; the top token always stays (also when
+        # a tiny top_p rounds to 0 in the logits' dtype, which would otherwise drop every token).
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -218,7 +220,11 @@ def sample_tokens(
         # Greedy: the point mass carries no information, so record the untempered log-prob instead.
         tokens = logits.argmax(dim=-1)
         return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    logprobs = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p).log_softmax(dim=-1)
+    # Shifted so the top logit is exactly 0: a tiny temperature then sends the others to -inf instead of turning
+    # the top one into inf (or 0/0) and every log-prob into NaN. The clamp keeps the divisor non-zero in float32.
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    scaled = shifted / max(sampling.temperature, torch.finfo(logits.dtype).tiny)
+    logprobs = filter_logits(scaled, sampling.top_k, sampling.top_p).log_softmax(dim=-1)
     tokens = draw(logprobs.exp(), generator)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 

@@ -234,6 +234,19 @@ def test_score_responses_equals_full_logits(tiny_llama: LlamaForCausalLM, temper
         assert (logp[b, n:] == 0).all()
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-45])
+def test_a_vanishing_temperature_scores_finitely(tiny_llama: LlamaForCausalLM, temperature: float) -> None:
+    """A task whose temperature rounds to 0 (a hostile or mistyped one) must not put NaN into the loss."""
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    attn = torch.ones_like(ids)
+    resp = torch.tensor([[0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        logp, entropy = score_responses(tiny_llama.float(), ids, attn, resp, temperature=temperature)
+    tiny_llama.double()
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+    assert (logp <= 0).all()
+
+
 def test_score_responses_left_padding_matches_unpadded(tiny_llama: LlamaForCausalLM) -> None:
     alone = torch.tensor([[20, 21, 22, 23, 24]])
     padded = torch.tensor([[0, 0, 0, 20, 21, 22, 23, 24]])
