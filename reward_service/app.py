@@ -26,7 +26,7 @@ from reward_service.verify import Verifiers
 from reward_service.worker import RewardWorker
 from services.api_models import HealthResponse, ScoreRequest, ScoreResponse
 from services.config import RunConfig
-from services.http import bearer_auth, read_body
+from services.http import bearer_auth, json_body_schema, read_body
 from services.metrics import metrics_asgi_app
 from services.protocol import PromptTask, ProtocolError, Response, RolloutGroup, SamplingParams, ScoredGroup
 from services.streams import connect
@@ -54,6 +54,9 @@ def _health_group() -> RolloutGroup:
 
 def request_to_group(body: ScoreRequest) -> RolloutGroup:
     """Turn a JSON score request into the stream message the worker would have read (validated)."""
+    # Before any numpy conversion: JSON integers are unbounded, and int64 overflows on the larger ones.
+    if any(not 0 <= t < 2**32 for r in body.responses for t in r.token_ids):
+        raise ProtocolError("response.token_ids: values must be in [0, 2**32)")
     task = body.task
     group = RolloutGroup(
         task=PromptTask(
@@ -82,8 +85,6 @@ def request_to_group(body: ScoreRequest) -> RolloutGroup:
         generated_at=time.time(),
         gen_seconds=0.0,
     )
-    if any(np.any(np.asarray(r.token_ids) < 0) or np.any(np.asarray(r.token_ids) >= 2**32) for r in body.responses):
-        raise ProtocolError("response.token_ids: values must be in [0, 2**32)")
     group.validate()
     return group
 
@@ -132,10 +133,12 @@ def create_app(cfg: RunConfig, *, run_worker: bool = True) -> FastAPI:
         app.state.worker = worker
         stop = asyncio.Event()
         task: asyncio.Task[None] | None = None
+        app.state.worker_task = None
         try:
             await asyncio.to_thread(verifiers.wait_ready, 120.0)
             if run_worker:
                 task = asyncio.create_task(worker.run(stop), name="reward-worker")
+                app.state.worker_task = task
             yield
         finally:
             stop.set()
@@ -153,7 +156,11 @@ def create_app(cfg: RunConfig, *, run_worker: bool = True) -> FastAPI:
         """Score a known group end to end (verifier processes + scoring) and ping Redis."""
         worker: RewardWorker = request.app.state.worker
         start = time.perf_counter()
+        task: asyncio.Task[None] | None = request.app.state.worker_task
         try:
+            if task is not None and task.done():  # the stream worker ended: this replica scores nothing any more
+                error = None if task.cancelled() else task.exception()
+                raise RuntimeError(f"the stream worker stopped ({error!r})")
             await cast(Awaitable[bool], worker.redis.ping())
             group = _health_group()
             results = await worker.verify_all(group)
@@ -173,7 +180,7 @@ def create_app(cfg: RunConfig, *, run_worker: bool = True) -> FastAPI:
             "requestBody": {
                 "required": True,
                 "content": {
-                    "application/json": {"schema": ScoreRequest.model_json_schema()},
+                    "application/json": {"schema": json_body_schema(ScoreRequest)},
                     "application/msgpack": {"schema": {"type": "string", "format": "binary"}},
                 },
             }

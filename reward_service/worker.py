@@ -26,7 +26,16 @@ from reward_service.verify import Verifiers
 from reward_service.window import PplWindow
 from services.config import RunConfig
 from services.protocol import RolloutGroup, ScoredGroup
-from services.streams import DATA_FIELD, ROLLOUTS, SCORED, Entry, StreamClient, StreamSpec
+from services.streams import (
+    DATA_FIELD,
+    ROLLOUTS,
+    SCORED,
+    TRANSIENT_ERRORS,
+    Entry,
+    OutageBackoff,
+    StreamClient,
+    StreamSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +180,27 @@ class RewardWorker:
         return len(batch)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Score groups until ``stop`` is set; the current batch is finished first."""
-        await self.rollouts.ensure_group()
+        """Score groups until ``stop`` is set; the current batch is finished first.
+
+        A Redis outage longer than one call's retries pauses the loop (capped backoff) instead of ending it: the
+        HTTP app would otherwise keep answering while nothing consumes the stream.
+        """
+        outage = OutageBackoff(f"reward worker {self.consumer}", self.cfg.redis.backoff_max_s)
         claim_every = max(1.0, self.cfg.streams.visibility_timeout_s / 4)
         next_claim = 0.0
+        group_ready = False
         log.info("reward worker %s consuming %s", self.consumer, self.rollouts.key)
         while not stop.is_set():
             claim = time.monotonic() >= next_claim
             if claim:
                 next_claim = time.monotonic() + claim_every
-            await self.step(claim=claim)
+            try:
+                if not group_ready:
+                    await self.rollouts.ensure_group()
+                    group_ready = True
+                await self.step(claim=claim)
+            except TRANSIENT_ERRORS as exc:
+                await outage.pause(exc, stop)
+            else:
+                outage.reset()
         log.info("reward worker %s stopped after %d groups", self.consumer, self.groups_done)

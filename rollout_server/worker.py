@@ -4,7 +4,8 @@ Each server reads ``prompts`` through the consumer group ``rollout``, up to ``ro
 time, generates every task's group while holding the weights for the whole batch (so all its responses come from one
 policy version), then writes the groups and acknowledges their prompts in one Redis transaction. A prompt is thus
 either still pending (and claimed by a live server after the visibility timeout) or answered. Tasks the backend
-refuses (a prompt longer than the model's context) go to ``deadletter``.
+refuses (a prompt longer than the model's context, an empty stop string, a group larger than ``MAX_GROUP_SIZE``) go
+to ``deadletter``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from services.streams import (
     POLICY,
     PROMPTS,
     ROLLOUTS,
+    TRANSIENT_ERRORS,
     Entry,
+    OutageBackoff,
     RecentIds,
     StreamClient,
     StreamSpec,
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 GROUP = "rollout"
+MAX_GROUP_SIZE = 1024
+"""Largest ``n`` a task may ask for (``sampling.n``'s own cap): a bigger one is refused, never allocated."""
 SamplingKey = tuple[int, float, float, int, int, tuple[str, ...], int | None]
 
 
@@ -143,6 +148,9 @@ class RolloutWorker:
         errors: list[str | None] = [None] * len(tasks)
         by_key: dict[SamplingKey, list[int]] = {}
         for i, task in enumerate(tasks):
+            if task.n > MAX_GROUP_SIZE:  # decodes fine, but the backend would allocate n rows of KV cache
+                errors[i] = f"generation refused the task: n={task.n} exceeds the largest group ({MAX_GROUP_SIZE})"
+                continue
             by_key.setdefault(_sampling_key(task), []).append(i)
         start = time.perf_counter()
         with self.weights.batch() as version:
@@ -162,9 +170,9 @@ class RolloutWorker:
     ) -> None:
         """Generate tasks that share n and sampling in one call; on a refused input, retry them one at a time."""
         first = tasks[indices[0]]
-        sampling = to_sampling(first.sampling)
         start = time.perf_counter()
         try:
+            sampling = to_sampling(first.sampling)  # raises ValueError for what the wire allows but no backend does
             outputs = self.backend.generate([tasks[i].messages for i in indices], first.n, sampling)
         except ValueError as exc:
             if len(indices) == 1:
@@ -288,14 +296,27 @@ class RolloutWorker:
             self.metrics.version_lag.set(int(raw) - version)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Generate until ``stop`` is set; the batch in progress is finished first (the caller bounds that wait)."""
-        await self.prompts.ensure_group()
+        """Generate until ``stop`` is set; the batch in progress is finished first (the caller bounds that wait).
+
+        A Redis outage longer than one call's retries pauses the loop (capped backoff) instead of ending it; a
+        batch whose write failed stays pending and is claimed again after the visibility timeout.
+        """
+        outage = OutageBackoff(f"rollout worker {self.consumer}", self.cfg.redis.backoff_max_s)
         claim_every = max(1.0, self.cfg.streams.visibility_timeout_s / 4)
         next_claim = 0.0
+        group_ready = False
         log.info("rollout worker %s consuming %s", self.consumer, self.prompts.key)
         while not stop.is_set():
             claim = time.monotonic() >= next_claim
             if claim:
                 next_claim = time.monotonic() + claim_every
-            await self.step(claim=claim)
+            try:
+                if not group_ready:
+                    await self.prompts.ensure_group()
+                    group_ready = True
+                await self.step(claim=claim)
+            except TRANSIENT_ERRORS as exc:
+                await outage.pause(exc, stop)
+            else:
+                outage.reset()
         log.info("rollout worker %s stopped after %d groups", self.consumer, self.groups_done)

@@ -356,3 +356,30 @@ def test_redis_crash_and_restart_loses_no_acknowledged_message(tmp_path: Path) -
     finally:
         workers.kill_all()
         server.close()
+
+
+async def test_trim_removes_only_entries_every_group_acknowledged(redis_client: Any, run_name: str) -> None:
+    from services.streams import trim_acknowledged
+
+    key = f"dipo:{run_name}:trim"
+    assert await trim_acknowledged(redis_client, key, 0) == 0  # no stream
+    ids = [await redis_client.xadd(key, {"d": b"x" * 100}) for _ in range(300)]
+    assert await trim_acknowledged(redis_client, key, 0) == 0  # no consumer group: never trimmed
+    for group in ("a", "b"):
+        await redis_client.xgroup_create(key, group, "0")
+    # group a read 250 and acknowledged all but #100; group b read 280 and acknowledged them all
+    got_a = await redis_client.xreadgroup("a", "c", {key: ">"}, count=250)
+    await redis_client.xack(key, "a", *[i for i, _ in got_a[0][1] if i != ids[100]])
+    got_b = await redis_client.xreadgroup("b", "c", {key: ">"}, count=280)
+    await redis_client.xack(key, "b", *[i for i, _ in got_b[0][1]])
+    # retained for an hour: nothing goes
+    await trim_acknowledged(redis_client, key, 3600)
+    assert await redis_client.xlen(key) == 300
+    await trim_acknowledged(redis_client, key, 0)
+    left = [i for i, _ in await redis_client.xrange(key)]
+    assert ids[100] in left and left == ids[ids.index(left[0]) :]  # a contiguous tail from at most #100
+    await redis_client.xack(key, "a", ids[100])
+    await trim_acknowledged(redis_client, key, 0)
+    left = [i for i, _ in await redis_client.xrange(key)]
+    assert set(ids[250:]) <= set(left)  # undelivered to a: kept
+    assert len(left) < 300 - 100
