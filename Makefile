@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-all test-slow lint format bench clean
+.PHONY: setup run test test-all test-slow lint format bench chaos clean
 
 setup:
 	@bash scripts/setup.sh
@@ -32,6 +32,11 @@ bench: setup
 	@mkdir -p bench/results
 	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 	@echo "results in bench/results/"
+
+# 100 SIGKILLs of rollout servers, reward replicas, the learner and Redis during a quick-start run, then the audit
+# (<run_dir>/chaos/summary.json). CHAOS_ARGS adds options, e.g. CHAOS_ARGS="--appendfsync everysec".
+chaos: setup
+	.venv/bin/dipo chaos configs/quickstart.yaml --kills 100 --seed 0 $(CHAOS_ARGS)
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from learner.advantages import group_advantages
 from services.config import RunConfig
 from services.protocol import ProtocolError, ScoredGroup
-from services.streams import DATA_FIELD, SCORED, Entry, StreamClient, call_with_retries
+from services.streams import DATA_FIELD, SCORED, TRANSIENT_ERRORS, Entry, OutageBackoff, StreamClient, call_with_retries
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,8 @@ class StepBatch:
     """This step's drops by reason (``stats`` holds the cumulative counts)."""
     returned_ids: list[str] = field(default_factory=list)
     """Prompt ids dropped as stale or without signal: their admission slots go back to the feeder."""
+    dropped_ids: dict[str, list[str]] = field(default_factory=dict)
+    """This step's dropped prompt ids by reason (duplicates included), for the run's ledger."""
     seq: int = 0
     """1 for the assembler's first batch, then 2, 3, ..."""
     totals: dict[str, int] = field(default_factory=dict)
@@ -326,6 +328,7 @@ class BatchAssembler:
         self._seq = 0
         self._history: deque[tuple[int, list[str]]] = deque(maxlen=HISTORY)
         self._decode = functools.partial(ScoredGroup.from_bytes, max_bytes=cfg.streams.max_payload_bytes)
+        self._outage = OutageBackoff(f"batch assembler {consumer}", cfg.redis.backoff_max_s)
 
     def _remember(self, ids: Iterable[str]) -> None:
         for prompt_id in ids:
@@ -404,7 +407,7 @@ class BatchAssembler:
             return "duplicate"
         if group.oldest_version < version - self.cfg.learner.max_staleness:
             return "stale"
-        if not group.signal:
+        if not group.signal and self.cfg.learner.dynamic_sampling:
             return "no_signal"
         return "used"
 
@@ -421,13 +424,19 @@ class BatchAssembler:
         used: list[ScoredGroup] = []
         batch_seen: set[str] = set()
         dropped = {reason: 0 for reason in DROP_REASONS}
+        dropped_ids: dict[str, list[str]] = {reason: [] for reason in DROP_REASONS}
         returned_ids: list[str] = []
         while len(used) < want:
             if stop is not None and stop.is_set():
                 self._backlog.extendleft(reversed(taken))
                 return None
             if not self._backlog:
-                await self._fill(want - len(used))
+                try:
+                    await self._fill(want - len(used))
+                except TRANSIENT_ERRORS as exc:  # an outage longer than one read's retries: wait, not crash
+                    await self._outage.pause(exc, stop)
+                else:
+                    self._outage.reset()
                 continue
             entry_id, group = self._backlog.popleft()
             taken.append((entry_id, group))
@@ -439,11 +448,14 @@ class BatchAssembler:
                 batch_seen.add(group.rollout.task.prompt_id)
                 continue
             dropped[verdict] += 1
+            dropped_ids[verdict].append(group.rollout.task.prompt_id)
             if verdict != "duplicate":  # a duplicate's slot went back (or was used) with its first copy
                 returned_ids.append(group.rollout.task.prompt_id)
                 if self.on_settled is not None:
                     self.on_settled([], [group.rollout.task.prompt_id])
-        return self._finish(taken, used, dropped, returned_ids, version, time.monotonic() - began)
+        batch = self._finish(taken, used, dropped, returned_ids, version, time.monotonic() - began)
+        batch.dropped_ids = dropped_ids
+        return batch
 
     def _finish(
         self,
@@ -484,4 +496,5 @@ class BatchAssembler:
 
 
 def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    # Field names are whatever a producer wrote: a non-UTF-8 one must not stop the replay of pending entries.
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value

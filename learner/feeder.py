@@ -31,8 +31,20 @@ import redis.asyncio as aioredis
 
 from learner.data import DataItem, EpochOrder
 from services.config import RunConfig
-from services.protocol import DeadLetter, PromptTask, ProtocolError, RolloutGroup, SamplingParams, ScoredGroup
-from services.streams import DATA_FIELD, DEADLETTER, PROMPTS, ROLLOUTS, SCORED, StreamSpec, call_with_retries, run_key
+from services.ledger import dead_letter_prompt_id
+from services.protocol import PromptTask, SamplingParams
+from services.streams import (
+    DEADLETTER,
+    PROMPTS,
+    ROLLOUTS,
+    SCORED,
+    TRANSIENT_ERRORS,
+    OutageBackoff,
+    StreamSpec,
+    call_with_retries,
+    run_key,
+    trim_acknowledged,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +72,6 @@ local released = expected + #ARGV - 2
 redis.call('HSET', KEYS[1], 'released', released, 'token', ARGV[2])
 return {1, released}
 """
-
-_DECODERS: dict[str, Callable[[bytes], Any]] = {
-    PROMPTS: PromptTask.from_bytes,
-    ROLLOUTS: RolloutGroup.from_bytes,
-    SCORED: ScoredGroup.from_bytes,
-}
 
 
 class FeederConflict(RuntimeError):
@@ -150,6 +156,8 @@ class PromptFeeder:
         self._synced = False
         self._lock = asyncio.Lock()
         self._script = redis.register_script(_RELEASE_SCRIPT)
+        self.on_release: Callable[[list[str]], None] | None = None
+        """Called with the prompt ids of every successful release (the learner writes them to its ledger)."""
 
     # ------------------------------------------------------------------ positions
 
@@ -265,14 +273,43 @@ class PromptFeeder:
         )
 
     async def run(self, version: Callable[[], int], stop: asyncio.Event, interval_s: float = 0.25) -> None:
-        """Keep the stream topped up (and dead letters settled) until ``stop`` is set; for a background task."""
+        """Keep the stream topped up (and dead letters settled) until ``stop`` is set; for a background task.
+
+        A Redis outage longer than one call's retries pauses the loop instead of ending it (nothing awaits this
+        task until the learner stops, so an error here would silently stop the feeding).
+        """
+        outage = OutageBackoff("prompt feeder", self.cfg.redis.backoff_max_s)
+        next_trim = time.monotonic() + self.cfg.streams.trim_interval_s
         while not stop.is_set():
-            await self.scan_dead_letters()
-            await self.top_up(version())
+            try:
+                await self.scan_dead_letters()
+                await self.top_up(version())
+                if time.monotonic() >= next_trim:
+                    await self.trim_streams()
+                    next_trim = time.monotonic() + self.cfg.streams.trim_interval_s
+            except TRANSIENT_ERRORS as exc:
+                # A release whose reply was lost may have gone through: re-read Redis's count before the next
+                # one, so those positions are adopted (see _sync) rather than mistaken for another feeder's.
+                self._synced = False
+                await outage.pause(exc, stop)
+                continue
+            outage.reset()
             try:
                 await asyncio.wait_for(stop.wait(), interval_s)
             except TimeoutError:
                 pass
+
+    async def trim_streams(self) -> int:
+        """Delete acknowledged entries older than ``streams.retain_acked_s`` from the work streams (they would
+        otherwise grow for the whole run); returns how many went."""
+        removed = 0
+        retain = self.cfg.streams.retain_acked_s
+        for name in (PROMPTS, ROLLOUTS, SCORED):
+            trim = functools.partial(trim_acknowledged, self.redis, run_key(self.cfg.name, name), retain)
+            removed += await self._call(f"trim {name}", trim)
+        if removed:
+            log.debug("trimmed %d acknowledged stream entries", removed)
+        return removed
 
     # ------------------------------------------------------------------ Redis
 
@@ -300,6 +337,8 @@ class PromptFeeder:
             for ordinal in skipped:
                 self._ledger[self.prompt_id(ordinal)] = ordinal
             self.released = stored
+            if self.on_release is not None:  # a crash may have come between the release and its ledger line
+                self.on_release([self.prompt_id(k) for k in skipped])
         elif stored < self.released:
             # Redis lost writes (no persistence, or a fresh server): what it lost cannot be told apart from what
             # is in flight, so those prompts stay in the ledger until they come back or are settled.
@@ -312,13 +351,21 @@ class PromptFeeder:
             await self._call("HSET feeder", lambda: self.redis.hset(self.feeder_key, "released", self.released))
         self._synced = True
 
-    async def _release(self, tasks: list[PromptTask]) -> None:
+    async def _release(self, tasks: list[PromptTask], *, retried: bool = False) -> None:
         token = uuid.uuid4().hex
         payloads = [t.to_bytes() for t in tasks]
         expected = self.released
         keys = [self.feeder_key, str(self.prompts)]
         result = await self._call("release prompts", lambda: self._script(keys=keys, args=[expected, token, *payloads]))
         ok, stored = int(result[0]), int(result[1])
+        if not ok and stored < expected and not retried:
+            # Redis came back without its last writes (a crash under appendfsync everysec or no): the releases it
+            # forgot cannot be told apart from ones in flight, so they stay in the ledger; count on from ours.
+            log.warning("feeder: Redis recorded %d releases, this feeder %d: it lost writes; keeping %d",
+                        stored, expected, expected)  # fmt: skip
+            await self._call("HSET feeder", lambda: self.redis.hset(self.feeder_key, "released", str(expected)))
+            await self._release(tasks, retried=True)
+            return
         if not ok:
             own = len(result) > 2 and bytes(result[2]).decode() == token
             if not own:
@@ -331,6 +378,8 @@ class PromptFeeder:
         for offset, t in enumerate(tasks):
             self._ledger[t.prompt_id] = expected + offset
         self.released = expected + len(tasks)
+        if self.on_release is not None:
+            self.on_release([t.prompt_id for t in tasks])
 
     async def scan_dead_letters(self) -> int:
         """Settle, as dropped, ledger prompts whose task, rollout or scored group was dead-lettered; returns slots
@@ -346,34 +395,9 @@ class PromptFeeder:
             )
             rows = await self._call("XRANGE deadletter", read)
             for entry_id, raw in rows:
-                prompt_id = _dead_prompt_id(raw)
+                prompt_id = dead_letter_prompt_id(raw)
                 if prompt_id is not None:
                     given_back += self.settle(dropped=[prompt_id])
                 self.deadletter_cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             if len(rows) < DEADLETTER_SCAN:
                 return given_back
-
-
-def _dead_prompt_id(raw: Mapping[bytes, bytes]) -> str | None:
-    """The prompt id inside one dead letter, or None when the letter or its payload is not decodable."""
-    data = raw.get(DATA_FIELD.encode())
-    if data is None:
-        return None
-    try:
-        letter = DeadLetter.from_bytes(data)
-    except ProtocolError:
-        return None
-    decoder = _DECODERS.get(letter.source_stream.rsplit(":", 1)[-1])
-    payload = letter.fields.get(DATA_FIELD)
-    if decoder is None or payload is None:
-        return None
-    try:
-        message = decoder(payload)
-    except ProtocolError:
-        return None
-    if isinstance(message, PromptTask):
-        return message.prompt_id
-    if isinstance(message, RolloutGroup):
-        return message.task.prompt_id
-    assert isinstance(message, ScoredGroup)
-    return message.rollout.task.prompt_id

@@ -43,6 +43,7 @@ from learner.policy import CHECKPOINT, CHECKPOINT_VERSION, STATUS, STEP, VERSION
 from learner.train import Trainer
 from learner.weight_sync import WeightBroadcaster
 from services.config import RunConfig
+from services.ledger import LEDGER_FILE, LedgerWriter
 from services.modeling.loading import load_model, load_tokenizer, resolve_model_path, torch_dtype
 from services.streams import StreamClient, clients_from_config
 
@@ -188,10 +189,14 @@ class Learner:
             loop.add_signal_handler(sig, stop.set)
         aredis, sredis = clients_from_config(cfg.redis)
         publisher = PolicyPublisher(sredis, cfg.name)
+        self._skip_orphaned_versions(publisher)
+        ledger = LedgerWriter(cfg.resolved_run_dir / LEDGER_FILE)
+        ledger.start(self.step, self.version, resumed=self.latest_checkpoint is not None)
         metrics = LearnerMetrics(cfg, self)
         feeder_state = FeederState.from_dict(self.state["feeder"]) if "feeder" in self.state else None
         restored = AssemblerState.from_dict(self.state["assembler"]) if "assembler" in self.state else AssemblerState()
         feeder = PromptFeeder(cfg, aredis, load_items(cfg.data), feeder_state)
+        feeder.on_release = ledger.release
         # Drops are reported to the feeder as they happen, so their admission slots come back at once.
         assembler = BatchAssembler(
             cfg, aredis, CONSUMER, seen_ids=restored.seen_ids, totals=restored.totals, on_settled=feeder.settle
@@ -224,14 +229,18 @@ class Learner:
         try:
             while self.step < cfg.learner.steps and not stop.is_set():
                 wait_start = time.monotonic()
+                publisher.publish_phase("wait")
                 batch = await assembler.next_batch(self.version, stop)
                 if batch is None:
                     break
                 wait_s = time.monotonic() - wait_start
+                publisher.publish_phase("train")
                 train = await asyncio.to_thread(self.train_step, encode_samples(batch.samples))
                 self.step += 1
                 self.version += 1
                 pending_acks += batch.entry_ids
+                used = [(g.rollout.task.prompt_id, g.oldest_version) for g in batch.used]
+                ledger.step(self.step, self.version, used, batch.dropped_ids)
                 sync = self.version % cfg.learner.sync_every == 0
                 ckpt = self.step % cfg.learner.checkpoint_every == 0 or self.step == cfg.learner.steps
                 gather_start = time.monotonic()
@@ -240,13 +249,17 @@ class Learner:
                 gather_s = time.monotonic() - gather_start
                 sync_s = 0.0
                 if sync and full is not None:
+                    publisher.publish_phase("sync")
                     report = await asyncio.to_thread(broadcaster.broadcast, self._published(full), self.version)
                     sync_s = report.seconds
                     metrics.on_sync(report)
                 publisher.publish({VERSION: self.version, STEP: self.step})
                 ckpt_s = 0.0
                 if ckpt:
-                    ckpt_s = await self._checkpoint_and_ack(feeder, assembler, scored, pending_acks, publisher, full)
+                    publisher.publish_phase("checkpoint")
+                    ckpt_s = await self._checkpoint_and_ack(
+                        feeder, assembler, scored, pending_acks, publisher, ledger, full
+                    )
                     pending_acks = []
                 del full  # gathered copies are a full CPU model: do not keep them through the next step
                 now = time.monotonic()
@@ -276,7 +289,8 @@ class Learner:
                     wait_s,
                 )
             if pending_acks:  # stopped early (SIGTERM): what was trained on goes into a checkpoint first
-                await self._checkpoint_and_ack(feeder, assembler, scored, pending_acks, publisher)
+                publisher.publish_phase("checkpoint")
+                await self._checkpoint_and_ack(feeder, assembler, scored, pending_acks, publisher, ledger)
         except BaseException:
             status = "failed"
             raise
@@ -291,9 +305,24 @@ class Learner:
             self.stop_followers()
             broadcaster.close()
             metrics_file.close()
+            ledger.close()
             metrics.close()
             await aredis.aclose()
             sredis.close()
+
+    def _skip_orphaned_versions(self, publisher: PolicyPublisher) -> None:
+        """After a crash, give the resumed weights a version above any the lost learner published.
+
+        A learner that crashed after publishing versions past its newest checkpoint leaves rollout servers holding
+        weights that no longer exist. Reusing those version numbers would make versions go backwards on the
+        servers; instead the checkpoint's weights are republished as the next unused version, which servers that
+        rejoin load from the checkpoint, and groups sampled with the orphaned weights merely look older.
+        """
+        published = publisher.read().version
+        if published > self.version:
+            log.warning("versions %d..%d were published after the checkpoint this learner resumed from (v%d); "
+                        "continuing as v%d", self.version + 1, published, self.version, published + 1)  # fmt: skip
+            self.version = published + 1
 
     async def _checkpoint_and_ack(
         self,
@@ -302,11 +331,14 @@ class Learner:
         scored: StreamClient,
         acks: list[str],
         publisher: Any,
+        ledger: LedgerWriter,
         full: FullState | None = None,
     ) -> float:
         start = time.monotonic()
         extra = {"feeder": feeder.state().to_dict(), "assembler": assembler.state().to_dict()}
+        open_ids = feeder.ledger()
         path = await asyncio.to_thread(self.write_checkpoint, extra, full)
+        ledger.checkpoint(self.step, self.version, open_ids)
         await scored.ack(acks)  # only now: the checkpoint holds these groups' update
         publisher.publish({CHECKPOINT: str(path), CHECKPOINT_VERSION: self.version})
         log.info("checkpoint %s (version %d), acknowledged %d scored entries", path, self.version, len(acks))

@@ -3,11 +3,12 @@
 Fields (all strings): ``version`` (the policy version rollout servers should generate with), ``checkpoint`` and
 ``checkpoint_version`` (the newest complete checkpoint, a Hugging Face folder a late joiner loads first),
 ``sync_endpoint`` (host:port of the weight-sync rendezvous store, written by the WeightBroadcaster),
-``status`` (``starting | running | done | failed``), ``step`` and ``updated_at``.
+``status`` (``starting | running | done | failed``), ``step``, ``phase`` and ``updated_at``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,11 +18,15 @@ import redis
 
 from services.streams import POLICY, run_key
 
+log = logging.getLogger(__name__)
+
 VERSION = "version"
 CHECKPOINT = "checkpoint"
 CHECKPOINT_VERSION = "checkpoint_version"
 STATUS = "status"
 STEP = "step"
+PHASE = "phase"
+"""What the learner is doing: ``wait`` (for a batch), ``train``, ``sync`` (weight broadcast), ``checkpoint``."""
 
 
 def policy_key(run: str) -> str:
@@ -65,6 +70,13 @@ class PolicyPublisher:
         """Set some fields (and ``updated_at``)."""
         mapping = {k: str(v) for k, v in fields.items()} | {"updated_at": repr(time.time())}
         self.client.hset(self.key, mapping=mapping)
+
+    def publish_phase(self, phase: str) -> None:
+        """Best-effort: the phase is for watchers (the panel, the chaos runner), not worth failing a step over."""
+        try:
+            self.client.hset(self.key, PHASE, phase)
+        except redis.RedisError as exc:
+            log.debug("could not publish phase %s: %s", phase, exc)
 
     def read(self) -> PolicyState:
         """The current hash."""

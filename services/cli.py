@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -91,6 +92,53 @@ def run_cmd(
     raise typer.Exit(code)
 
 
+@app.command("chaos")
+def chaos_cmd(
+    config: ConfigArg,
+    kills: Annotated[int, typer.Option(help="How many SIGKILLs to deliver, one failure at a time.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the choice of targets, moments and gaps.")] = 0,
+    targets: Annotated[
+        str, typer.Option(help="Comma-separated kinds to kill: rollout, reward, learner, redis.")
+    ] = "rollout,reward,learner,redis",
+    appendfsync: Annotated[str, typer.Option(help="Redis AOF fsync policy: always or everysec.")] = "always",
+    gap: Annotated[str, typer.Option(help="Random wait after a recovery before the next kill, MIN,MAX seconds.")] = (
+        "1,6"
+    ),
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Fresh folder for the run (default: runs/chaos-<seed>-<time>).")
+    ] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Train while SIGKILLing one process at a time (rollout, reward, learner, Redis), then audit the ledger.
+
+    Writes <run_dir>/chaos/summary.json (kills by target, time to recover, lost, doubled) and exits 0 only if
+    every released prompt is accounted for, none was used twice, versions only increased and the final
+    checkpoint loads.
+    """
+    import json
+
+    from services.chaos import ChaosPlan, parse_appendfsync, parse_targets, run_chaos
+
+    try:
+        low, high = (float(x) for x in gap.split(","))
+        plan = ChaosPlan(
+            kills=kills,
+            seed=seed,
+            targets=parse_targets(targets),
+            gap_s=(low, high),
+            appendfsync=parse_appendfsync(appendfsync),
+        )
+        folder = run_dir or Path("runs") / f"chaos-{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        result = run_chaos(config, overrides or [], plan, folder)
+    except (ConfigError, ValueError) as exc:
+        console.print(f"[red]invalid chaos run:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    shown = {k: v for k, v in result.summary.items() if k not in ("kill_log", "ledger", "plan")}
+    console.print_json(json.dumps(shown))
+    console.print(f"summary: {result.path}")
+    raise typer.Exit(result.exit_code)
+
+
 @app.command("report")
 def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (holds metrics.jsonl).", exists=True, file_okay=False)],
@@ -99,6 +147,52 @@ def report_cmd(
     from services.report import build_report
 
     console.print(f"report: {build_report(run_dir)}")
+
+
+@app.command("experiment")
+def experiment_cmd(
+    config: ConfigArg,
+    arms: Annotated[
+        str, typer.Option(help="Comma-separated arms: dapo, dipo, grpo, reward-only, penalty-only, alpha=X.")
+    ] = "dapo,dipo",
+    seeds: Annotated[str, typer.Option(help="A count (3 = seeds 0, 1, 2) or a comma-separated list (0,7,9).")] = "1",
+    out: Annotated[Path | None, typer.Option(help="Experiment folder (default runs/experiments/<name>).")] = None,
+    overrides: SetOpt = None,
+    eval_items: Annotated[int, typer.Option(min=1, help="Held-out items evaluated (per category).")] = 100,
+    eval_samples: Annotated[int, typer.Option(min=1, help="K: samples per held-out item (mean@K).")] = 4,
+    eval_data: Annotated[
+        str | None, typer.Option(help="Held-out data spec (docs/EVALUATION.md); default: the config's held-out set.")
+    ] = None,
+    eval_seed: Annotated[int, typer.Option(help="Sampling seed of every evaluation.")] = 0,
+    eval_threads: Annotated[int | None, typer.Option(min=1, help="torch threads of the evaluation.")] = None,
+    eval_batch_prompts: Annotated[int | None, typer.Option(min=1, help="Prompts per evaluation generate call.")] = None,
+    baseline: Annotated[bool, typer.Option(help="Also evaluate the base model.")] = True,
+    late_fraction: Annotated[float, typer.Option(help="Share of the steps, at the end, that is 'late'.")] = 1 / 3,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Only rebuild the comparison report.")] = False,
+) -> None:
+    """Train every arm x seed under identical conditions, evaluate each, and compare them (docs/EXPERIMENTS.md)."""
+    from services.experiment import EvalSettings, build_plan, run_experiment
+    from services.experiment_report import build_experiment_report
+    from services.launcher import LaunchError
+
+    settings = EvalSettings(eval_items, eval_samples, eval_seed, eval_data, eval_threads, eval_batch_prompts)
+    try:
+        plan = build_plan(config, arms, seeds, out, overrides or [], eval_settings=settings, baseline=baseline,
+                          late_fraction=late_fraction)  # fmt: skip
+        if report_only:
+            console.print(f"report: {build_experiment_report(plan)}")
+            return
+        code = run_experiment(plan, console)
+    except (ConfigError, ValueError) as exc:  # ExperimentError is a ValueError
+        console.print(f"[red]invalid experiment:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    except LaunchError as exc:
+        console.print(f"[red]cannot start a run:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    except KeyboardInterrupt as exc:  # outside a run (a run's Ctrl-C ends that run, which returns 130)
+        console.print("interrupted: run the same command again to continue")
+        raise typer.Exit(130) from exc
+    raise typer.Exit(code)
 
 
 @app.command(

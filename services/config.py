@@ -70,6 +70,13 @@ class StreamsConfig(_Section):
     max_payload_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest message accepted by the decoder; larger ones are dead-lettered."
     )
+    retain_acked_s: float = Field(
+        600.0,
+        ge=0,
+        description="Acknowledged entries of prompts/rollouts/scored are deleted once this old (the learner trims "
+        "every trim_interval_s); undelivered and pending ones never are. Keeps Redis memory bounded.",
+    )
+    trim_interval_s: float = Field(10.0, gt=0, description="How often the learner trims acknowledged entries, s.")
 
 
 class ModelConfig(_Section):
@@ -202,6 +209,10 @@ class LearnerConfig(_Section):
 
     steps: int = Field(20, ge=1, description="Optimizer steps to train.")
     prompts_per_step: int = Field(4, ge=1, description="Useful (signal-carrying) groups per optimizer step.")
+    dynamic_sampling: bool = Field(
+        True,
+        description="DAPO dynamic sampling: drop groups without signal (off: train on every group, GRPO-style).",
+    )
     max_staleness: int = Field(4, ge=0, le=1000, description="eta: groups older than v - eta are dropped.")
     loss: Literal["dapo", "grpo", "drgrpo"] = Field("dapo", description="Policy loss (DAPO token-mean by default).")
     alpha: float = Field(0.1, ge=0, description="Weight of the reallocated-reward advantage; 0 = plain DAPO.")
