@@ -50,6 +50,8 @@ from services.streams import StreamClient, clients_from_config
 log = logging.getLogger(__name__)
 
 CONSUMER = "learner-0"
+JOINER_POLL_S = 2.0
+"""How often the learner, while it waits for a batch, looks for rollout servers that need the current weights."""
 
 
 class RunFolderInUse(RuntimeError):
@@ -230,7 +232,7 @@ class Learner:
             while self.step < cfg.learner.steps and not stop.is_set():
                 wait_start = time.monotonic()
                 publisher.publish_phase("wait")
-                batch = await assembler.next_batch(self.version, stop)
+                batch = await self._next_batch_serving_joiners(assembler, broadcaster, metrics, stop)
                 if batch is None:
                     break
                 wait_s = time.monotonic() - wait_start
@@ -309,6 +311,38 @@ class Learner:
             metrics.close()
             await aredis.aclose()
             sredis.close()
+
+    async def _next_batch_serving_joiners(
+        self, assembler: BatchAssembler, broadcaster: WeightBroadcaster, metrics: LearnerMetrics, stop: asyncio.Event
+    ) -> StepBatch | None:
+        """Wait for the next batch; meanwhile send the current weights to rollout servers that joined since the
+        last round.
+
+        Without this a run can stall: a server that restarts loads the newest checkpoint, which may be more than
+        ``max_staleness`` versions old (or, after a learner crash before its first checkpoint, hold orphaned
+        weights). If it is the only one, every group it makes is dropped as stale, the learner never completes a
+        step, and so never broadcasts the weights that would make its groups fresh again.
+        """
+        done = asyncio.Event()
+
+        async def serve() -> None:
+            while not done.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), JOINER_POLL_S)
+                if done.is_set() or not await asyncio.to_thread(broadcaster.unserved_members):
+                    continue
+                full = await asyncio.to_thread(self.gather)
+                report = await asyncio.to_thread(broadcaster.broadcast, self._published(full), self.version)
+                del full
+                metrics.on_sync(report)
+                log.info("sent v%d to rollout servers that joined while the learner waited", self.version)
+
+        server = asyncio.create_task(serve(), name="serve-joiners")
+        try:
+            return await assembler.next_batch(self.version, stop)
+        finally:
+            done.set()
+            await server  # never cancelled mid-broadcast: it finishes the round it is in, then sees `done`
 
     def _skip_orphaned_versions(self, publisher: PolicyPublisher) -> None:
         """After a crash, give the resumed weights a version above any the lost learner published.

@@ -101,6 +101,7 @@ class WeightBroadcaster:
         self.endpoint = f"[{host}]:{self._store.port}" if ":" in host else f"{host}:{self._store.port}"
         self._bind_host = "127.0.0.1" if is_loopback(host) else None
         self._members: list[str] = []
+        self._served: set[str] = set()  # members that acknowledged at least one round
         self._events_seen = 0
         self._round = 0
         self._slots: list[torch.Tensor] = []  # two packing buffers, kept between rounds
@@ -153,7 +154,14 @@ class WeightBroadcaster:
         logger.info(
             "weight sync round %d: v%d to %d receivers, %d bytes in %.3fs", rnd, version, len(acked), sent, seconds
         )
+        self._served.update(acked)
         return BroadcastReport(version, rnd, tuple(acked), dropped, sent, seconds)
+
+    def unserved_members(self) -> list[str]:
+        """Receivers that joined but have not yet acknowledged a round: they hold whatever weights they loaded
+        (a checkpoint, or orphaned weights of a crashed learner) until the next round reaches them."""
+        self._read_events()
+        return [m for m in self._members if m not in self._served]
 
     def close(self) -> None:
         """Stop hosting the store; receivers' next store call fails and they resync with the next learner."""

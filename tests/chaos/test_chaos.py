@@ -89,3 +89,15 @@ def test_long_chaos_run_with_100_kills(tmp_path: Path, tiny_model: Path) -> None
     summary = json.loads(result.path.read_text())
     _check(summary, 100, ("rollout", "reward", "learner", "redis"))
     assert set(summary["kills_by_moment"]) >= {"any", "broadcast", "checkpoint"}
+
+
+@pytest.mark.timeout(900)
+def test_a_restarted_rollout_server_far_behind_gets_the_current_weights(tmp_path: Path, tiny_model: Path) -> None:
+    """The only rollout server restarts from a checkpoint many versions older than the staleness bound allows:
+    every group it makes would be stale, so the learner must send it the current weights while it waits."""
+    plan = ChaosPlan(kills=2, seed=1, targets=("rollout",), gap_s=(3.0, 5.0), recover_timeout_s=240)
+    overrides = [*_overrides(tiny_model), "learner.checkpoint_every=50", "learner.max_staleness=1"]
+    result = run_chaos(QUICKSTART, overrides, plan, tmp_path / "run")
+    summary = json.loads(result.path.read_text())
+    assert summary["ok"], summary["problems"]
+    assert summary["recoveries"] == 2 and summary["lost"] == 0 and summary["doubled"] == 0
