@@ -65,7 +65,8 @@ class LocalRedis:
         if directory is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="dipo-redis-")
             directory = self._tmp.name
-        self.dir = Path(directory)
+        # absolute: redis-server changes into --dir before it opens --logfile, so a relative path would miss
+        self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         # another process may grab a probed port before the server binds it; only a port we picked may change

@@ -92,3 +92,14 @@ def test_start_failure_reports_the_log(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="exited"):
             second.start()
         assert not second.is_running()
+
+
+def test_a_relative_folder_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dipo run` passes runs/<name>/redis: redis-server changes into --dir before it opens --logfile."""
+    monkeypatch.chdir(tmp_path)
+    server = LocalRedis(Path("runs/quick/redis")).start()
+    try:
+        assert redis.Redis.from_url(server.url).ping()
+        assert (tmp_path / "runs/quick/redis/redis.log").is_file()
+    finally:
+        server.stop()
