@@ -29,7 +29,8 @@ import redis.asyncio as aioredis
 from learner.advantages import group_advantages
 from services.config import RunConfig
 from services.protocol import ProtocolError, ScoredGroup
-from services.streams import DATA_FIELD, SCORED, TRANSIENT_ERRORS, Entry, OutageBackoff, StreamClient, call_with_retries
+from services.stream_upkeep import OutageBackoff
+from services.streams import DATA_FIELD, SCORED, TRANSIENT_ERRORS, Entry, StreamClient, call_with_retries
 
 log = logging.getLogger(__name__)
 

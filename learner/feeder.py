@@ -33,17 +33,16 @@ from learner.data import DataItem, EpochOrder
 from services.config import RunConfig
 from services.ledger import dead_letter_prompt_id
 from services.protocol import PromptTask, SamplingParams
+from services.stream_upkeep import OutageBackoff, trim_acknowledged
 from services.streams import (
     DEADLETTER,
     PROMPTS,
     ROLLOUTS,
     SCORED,
     TRANSIENT_ERRORS,
-    OutageBackoff,
     StreamSpec,
     call_with_retries,
     run_key,
-    trim_acknowledged,
 )
 
 log = logging.getLogger(__name__)

@@ -26,13 +26,12 @@ from reward_service.verify import Verifiers
 from reward_service.window import PplWindow
 from services.config import RunConfig
 from services.protocol import RolloutGroup, ScoredGroup
+from services.stream_upkeep import consume
 from services.streams import (
     DATA_FIELD,
     ROLLOUTS,
     SCORED,
-    TRANSIENT_ERRORS,
     Entry,
-    OutageBackoff,
     StreamClient,
     StreamSpec,
 )
@@ -185,22 +184,13 @@ class RewardWorker:
         A Redis outage longer than one call's retries pauses the loop (capped backoff) instead of ending it: the
         HTTP app would otherwise keep answering while nothing consumes the stream.
         """
-        outage = OutageBackoff(f"reward worker {self.consumer}", self.cfg.redis.backoff_max_s)
-        claim_every = max(1.0, self.cfg.streams.visibility_timeout_s / 4)
-        next_claim = 0.0
-        group_ready = False
         log.info("reward worker %s consuming %s", self.consumer, self.rollouts.key)
-        while not stop.is_set():
-            claim = time.monotonic() >= next_claim
-            if claim:
-                next_claim = time.monotonic() + claim_every
-            try:
-                if not group_ready:
-                    await self.rollouts.ensure_group()
-                    group_ready = True
-                await self.step(claim=claim)
-            except TRANSIENT_ERRORS as exc:
-                await outage.pause(exc, stop)
-            else:
-                outage.reset()
+        await consume(
+            f"reward worker {self.consumer}",
+            self.rollouts,
+            lambda claim: self.step(claim=claim),
+            stop,
+            claim_every_s=max(1.0, self.cfg.streams.visibility_timeout_s / 4),
+            backoff_max_s=self.cfg.redis.backoff_max_s,
+        )
         log.info("reward worker %s stopped after %d groups", self.consumer, self.groups_done)

@@ -29,14 +29,13 @@ from rollout_server.metrics import RolloutMetrics
 from rollout_server.sync import POLICY_VERSION, PolicyWeights
 from services.config import RunConfig
 from services.protocol import PromptTask, ProtocolError, Response, RolloutGroup, SamplingParams
+from services.stream_upkeep import consume
 from services.streams import (
     DATA_FIELD,
     POLICY,
     PROMPTS,
     ROLLOUTS,
-    TRANSIENT_ERRORS,
     Entry,
-    OutageBackoff,
     RecentIds,
     StreamClient,
     StreamSpec,
@@ -301,22 +300,13 @@ class RolloutWorker:
         A Redis outage longer than one call's retries pauses the loop (capped backoff) instead of ending it; a
         batch whose write failed stays pending and is claimed again after the visibility timeout.
         """
-        outage = OutageBackoff(f"rollout worker {self.consumer}", self.cfg.redis.backoff_max_s)
-        claim_every = max(1.0, self.cfg.streams.visibility_timeout_s / 4)
-        next_claim = 0.0
-        group_ready = False
         log.info("rollout worker %s consuming %s", self.consumer, self.prompts.key)
-        while not stop.is_set():
-            claim = time.monotonic() >= next_claim
-            if claim:
-                next_claim = time.monotonic() + claim_every
-            try:
-                if not group_ready:
-                    await self.prompts.ensure_group()
-                    group_ready = True
-                await self.step(claim=claim)
-            except TRANSIENT_ERRORS as exc:
-                await outage.pause(exc, stop)
-            else:
-                outage.reset()
+        await consume(
+            f"rollout worker {self.consumer}",
+            self.prompts,
+            lambda claim: self.step(claim=claim),
+            stop,
+            claim_every_s=max(1.0, self.cfg.streams.visibility_timeout_s / 4),
+            backoff_max_s=self.cfg.redis.backoff_max_s,
+        )
         log.info("rollout worker %s stopped after %d groups", self.consumer, self.groups_done)

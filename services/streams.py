@@ -9,7 +9,6 @@ Consumers must therefore be idempotent, keyed by the message's own identity (``p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import re
@@ -519,82 +518,6 @@ async def call_with_retries(
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = _TRANSIENT
 """What :func:`call_with_retries` retries, and raises once its retries are spent: Redis unreachable or too slow."""
-
-
-def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
-    ms, _, seq = _text(entry_id).partition("-")
-    return int(ms), int(seq or 0)
-
-
-async def trim_acknowledged(redis: aioredis.Redis, key: str, retain_s: float) -> int:
-    """Delete the entries of stream ``key`` that every consumer group has acknowledged and that are older than
-    ``retain_s`` seconds (by Redis's clock: entry ids are millisecond timestamps); returns how many went.
-
-    The trim point is the oldest id some group still needs: its oldest pending entry, or the entry after the
-    last one it was delivered. ``XTRIM MINID`` removes only ids below it, so an undelivered or unacknowledged entry
-    is never removed, and a stream without consumer groups is never trimmed. The trim is approximate (``~``):
-    Redis removes whole internal nodes only, so a few acknowledged entries may stay until the next call.
-    """
-    try:
-        groups = await redis.xinfo_groups(key)
-    except rexc.ResponseError:  # no such stream
-        return 0
-    if not groups:
-        return 0
-    seconds, micros = await redis.time()
-    point = (int(seconds) * 1000 + int(micros) // 1000 - int(retain_s * 1000), 0)
-    for group in groups:
-        last = _id_tuple(group["last-delivered-id"])
-        needed = (last[0], last[1] + 1)
-        if int(group.get("pending") or 0) > 0:
-            summary = await redis.xpending(key, group["name"])
-            if summary.get("min") is not None:
-                needed = min(needed, _id_tuple(summary["min"]))
-        point = min(point, needed)
-    if point <= (0, 0):
-        return 0
-    removed: int = await redis.xtrim(key, minid=f"{point[0]}-{point[1]}", approximate=True)
-    return removed
-
-
-class OutageBackoff:
-    """Pauses of a long-lived loop (a stream worker, the feeder) whose Redis call failed even after its retries.
-
-    One call gives up after ``redis.retries`` attempts, 8 to 16 s with the defaults, but Redis can stay away
-    longer: a restart replaying a large append-only file, a failover, a partition. A loop that must outlive that
-    catches :data:`TRANSIENT_ERRORS` around one iteration, awaits :meth:`pause` (capped exponential backoff with
-    jitter, cut short by ``stop``) and tries again; :meth:`reset` after an iteration that succeeded. Whatever the
-    failed iteration had read stays pending in Redis and is claimed again after the visibility timeout.
-    """
-
-    def __init__(self, what: str, cap_s: float = 5.0, base_s: float = 0.5) -> None:
-        self.what = what
-        self.cap_s = cap_s
-        self.base_s = base_s
-        self.failures = 0
-        self._since = 0.0
-
-    async def pause(self, exc: BaseException, stop: asyncio.Event | None = None) -> None:
-        """Log the failure and wait before the next try (returns early once ``stop`` is set)."""
-        if self.failures == 0:
-            self._since = time.monotonic()
-        self.failures += 1
-        delay = min(self.cap_s, self.base_s * 2 ** (self.failures - 1)) * random.uniform(0.5, 1.0)
-        log.warning(
-            "%s: Redis unreachable for %.0fs (%s: %s); trying again in %.1fs",
-            self.what, time.monotonic() - self._since, type(exc).__name__, exc, delay,
-        )  # fmt: skip
-        if stop is None:
-            await asyncio.sleep(delay)
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
-
-    def reset(self) -> None:
-        """Record a successful iteration (logs the end of an outage)."""
-        if self.failures:
-            log.warning("%s: Redis reachable again after %.0fs", self.what, time.monotonic() - self._since)
-        self.failures = 0
 
 
 def connect_sync(

@@ -359,7 +359,7 @@ def test_redis_crash_and_restart_loses_no_acknowledged_message(tmp_path: Path) -
 
 
 async def test_trim_removes_only_entries_every_group_acknowledged(redis_client: Any, run_name: str) -> None:
-    from services.streams import trim_acknowledged
+    from services.stream_upkeep import trim_acknowledged
 
     key = f"dipo:{run_name}:trim"
     assert await trim_acknowledged(redis_client, key, 0) == 0  # no stream
