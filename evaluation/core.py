@@ -28,6 +28,7 @@ from reward_service.verifiers.base import Status, VerifyResult
 from reward_service.verifiers.function_call import verify_function_call
 from reward_service.verifiers.math import MathVerifier, MathVerifyOptions
 from services.config import DataConfig, RewardConfig
+from services.stats import bootstrap_ci
 
 if TYPE_CHECKING:
     from rollout_server.backends import Backend, PromptGroup, Sampling
@@ -39,8 +40,6 @@ HELD_OUT_SEED_OFFSET = 10_000
 SPEC_SOURCES = ("reasoning_gym", "bfcl", "jsonl", "parquet")
 _DATA_FIELDS = ("size", "seed", "few_shot", "system_prompt", "task_kind")
 """Spec query keys that set DataConfig fields; every other key of a reasoning_gym spec is a generator argument."""
-BOOTSTRAP_RESAMPLES = 2_000
-BOOTSTRAP_SEED = 0
 """The interval is a function of the verdicts alone: the same verdicts always give the same interval."""
 _LATEX_NOISE = re.compile(r"\\left|\\right|\\[,;:! ]|\s+")
 _NO_CALL = "[]"
@@ -257,20 +256,6 @@ class Metrics:
         data = asdict(self)
         data["mean_at_k_ci95"] = list(self.mean_at_k_ci95)
         return data
-
-
-def bootstrap_ci(
-    per_item: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
-) -> tuple[float, float]:
-    """95 % percentile interval of the mean of per-item accuracies, resampling items with replacement."""
-    if per_item.size == 0:
-        raise ValueError("a confidence interval needs at least one item")
-    rng = np.random.default_rng(seed)
-    # Resampling items, not samples: the K samples of one item are correlated, so an interval over samples would be
-    # too narrow.
-    means = per_item[rng.integers(0, per_item.size, size=(resamples, per_item.size))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
 
 
 def compute_metrics(items: Sequence[ItemResult]) -> Metrics:

@@ -40,10 +40,9 @@ from services.experiment import (
     run_eval_args,
 )
 from services.report import read_metrics, series
+from services.stats import bootstrap_ci
 
 SCHEMA_VERSION = 1
-BOOTSTRAP_RESAMPLES = 2_000
-BOOTSTRAP_SEED = 0
 METRICS: dict[str, str] = {
     "accuracy": "training accuracy (used groups)",
     "reward_mean": "reward (mean R, used groups)",
@@ -115,16 +114,6 @@ def estimate(values: Iterable[float | None]) -> Estimate:
     sd = math.sqrt(sum((v - mean) ** 2 for v in data) / (len(data) - 1))
     half = t_quantile(len(data) - 1) * sd / math.sqrt(len(data))
     return Estimate(mean, sd, mean - half, mean + half, len(data))
-
-
-def bootstrap_interval(values: np.ndarray) -> tuple[float, float]:
-    """95 % percentile interval of the mean, resampling the values with replacement (fixed RNG: reproducible)."""
-    if values.size == 0:
-        raise ValueError("a bootstrap interval needs at least one value")
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    means = values[rng.integers(0, values.size, size=(BOOTSTRAP_RESAMPLES, values.size))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
 
 
 def window_bounds(steps: int, fraction: float) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -249,7 +238,7 @@ def heldout_summary(plan: ExperimentPlan, data: dict[str, list[RunData]]) -> dic
         if items:
             values = np.array(list(items.values()))
             entry["mean_at_k"] = float(values.mean())
-            entry["ci95_items"] = list(bootstrap_interval(values))
+            entry["ci95_items"] = list(bootstrap_ci(values))
             entry["n_items"] = len(items)
             for key in ("pass_at_k", "maj_at_k"):
                 entry[key] = estimate(r.eval["metrics"][key] for r in runs if r.eval is not None).mean
@@ -260,7 +249,7 @@ def heldout_summary(plan: ExperimentPlan, data: dict[str, list[RunData]]) -> dic
             entry["vs_reference"] = {
                 "reference": reference,
                 "diff": float(diffs.mean()),
-                "ci95_items": list(bootstrap_interval(diffs)),
+                "ci95_items": list(bootstrap_ci(diffs)),
                 "seeds": paired.to_dict(),
             }
         out[arm.name] = entry
