@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -33,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.log_file) if args.log_file else None,
     )
     torch.set_num_threads(cfg.learner.torch_threads)
+    if dist.rank != 0:
+        # torchrun passes a stop on to every rank, but rank 0 owns the shutdown: it ends the step and checkpoints
+        # (under FSDP with every rank in the gather), then releases the others; torchrun kills a rank that hangs
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
     try:
         if dist.rank == 0:
             write_resolved_config(cfg)

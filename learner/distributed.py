@@ -4,7 +4,8 @@ Launched by torchrun (``RANK``, ``WORLD_SIZE`` and ``MASTER_ADDR`` in the enviro
 process group: gloo on CPU, NCCL on CUDA (each rank on its ``LOCAL_RANK`` device). Launched as a plain process it
 runs alone and no group exists; every helper here then degrades to the single-rank result, so the train step has one
 code path. The group is created with an explicit timeout, which gloo and NCCL apply to every collective issued on
-it (``learner.dist_timeout_s`` unless given): a dead peer surfaces as an error instead of a hang.
+it (``learner.dist_timeout_s`` unless given): a dead peer surfaces as an error instead of a hang. A torchrun rank
+dies with torchrun (``die_with_parent``), so stopping torchrun stops every rank.
 
 Only tensors cross ranks. ``broadcast_bytes`` sends a length and then a uint8 tensor, never a pickled object
 (``broadcast_object_list`` unpickles whatever it receives).
@@ -12,8 +13,11 @@ Only tensors cross ranks. ``broadcast_bytes`` sends a length and then a uint8 te
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -25,6 +29,7 @@ from services.config import RunConfig
 logger = logging.getLogger(__name__)
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,22 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in _TORCHRUN_ENV)
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; a no-op elsewhere).
+
+    torchrun starts every rank in a session of its own, so killing torchrun's process group misses the ranks: without
+    this a SIGKILL of torchrun (the launcher's last resort, the OOM killer) would leave them holding their GPUs.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this rank outlives torchrun", ctypes.get_errno())
+    elif os.getppid() != parent:  # the parent died before the request was in place
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init_distributed(cfg: RunConfig, timeout_s: float | None = None) -> DistInfo:
     """Join the default process group when launched by torchrun (gloo on CPU, NCCL on CUDA); else run alone.
 
@@ -70,6 +91,7 @@ def init_distributed(cfg: RunConfig, timeout_s: float | None = None) -> DistInfo
             torch.cuda.set_device(device)
         return DistInfo(rank=0, world_size=1, local_rank=0, device=device)
 
+    die_with_parent()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if wants_cuda:

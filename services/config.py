@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 ENV_PREFIX = "DIPO_"
 MathFallback = Literal["answer_line", "hashes"]
 ENV_DELIMITER = "__"
+GpuIndex = Annotated[int, Field(ge=0)]
+"""A GPU as the node numbers it (the numbers the parent's CUDA_VISIBLE_DEVICES lists, when set)."""
 
 
 class _Section(BaseModel):
@@ -142,17 +144,49 @@ class ServerConfig(_Section):
 # --- components -----------------------------------------------------------------------------------------------------
 
 
+def _check_gpu_list(section: str, gpus: Sequence[int], device: str) -> None:
+    """Checks shared by `learner.gpus` and `rollout.gpus`: they pin a plain `cuda` device, each GPU once."""
+    if device != "cuda":
+        raise ValueError(
+            f"{section}.gpus is set but {section}.device={device!r}: set {section}.device=cuda (the GPUs come from "
+            f"{section}.gpus), or unset {section}.gpus"
+        )
+    repeated = sorted({g for g in gpus if list(gpus).count(g) > 1})
+    if repeated:
+        raise ValueError(f"{section}.gpus lists GPU(s) {repeated} more than once: list each GPU once")
+
+
 class RolloutConfig(_Section):
     """Rollout servers: stateless sampling workers."""
 
     backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers (CPU/CUDA); vllm: vLLM engine.")
-    device: str = Field("cpu", description="torch device of the hf backend (cpu, cuda, cuda:1).")
+    device: str = Field(
+        "cpu",
+        description="torch device of the hf backend (cpu, cuda, cuda:1); cuda also tells `dipo run` to pin each "
+        "worker, vLLM ones included, to a GPU of its own (cuda:N opts out).",
+    )
     workers: int = Field(1, ge=0, le=256, description="Rollout worker processes `dipo run` starts.")
+    gpus: list[GpuIndex] | None = Field(
+        None,
+        description="With device=cuda, the GPU of each worker (one per worker, as the node numbers them); "
+        "None: `dipo run` gives the workers the last visible GPUs, one each.",
+    )
     torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per rollout process.")
     prompts_per_batch: int = Field(4, ge=1, le=4096, description="Prompts generated together in one batch.")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM: share of GPU memory to use.")
     weight_sync_timeout_s: float = Field(120.0, gt=0, description="Timeout of every weight-sync collective.")
     server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoint of the rollout server.")
+
+    @model_validator(mode="after")
+    def _check_gpus(self) -> RolloutConfig:
+        if self.gpus is None:
+            return self
+        _check_gpu_list("rollout", self.gpus, self.device)
+        if len(self.gpus) != self.workers:
+            raise ValueError(
+                f"rollout.gpus lists {len(self.gpus)} GPUs for {self.workers} rollout.workers: give one GPU per worker"
+            )
+        return self
 
 
 class DipoConfig(_Section):
@@ -245,6 +279,11 @@ class LearnerConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
     torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per learner rank.")
     device: str = Field("cpu", description="cpu or cuda (under torchrun each rank takes its local device).")
+    gpus: list[GpuIndex] | None = Field(
+        None,
+        description="With device=cuda, the learner's GPUs (as the node numbers them; more than one: `dipo run` starts "
+        "it under torchrun, one rank each); None: every visible GPU the rollout workers do not take.",
+    )
     fsdp: Literal["auto", "always", "never"] = Field(
         "auto",
         description="Shard with FSDP2 across ranks: auto = on CUDA with more than one rank; always = also on gloo.",
@@ -252,6 +291,14 @@ class LearnerConfig(_Section):
     dist_timeout_s: float = Field(600.0, gt=0, description="Timeout of every collective among the learner's ranks.")
     seed: int = Field(0, description="Seed of the learner's torch RNG (the prompt order follows data.seed).")
     server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoint of the learner (metrics).")
+
+    @model_validator(mode="after")
+    def _check_gpus(self) -> LearnerConfig:
+        if self.gpus is not None:
+            _check_gpu_list("learner", self.gpus, self.device)
+            if not self.gpus:
+                raise ValueError("learner.gpus is empty: list at least one GPU, or unset it to take the default")
+        return self
 
 
 class RunConfig(_Section):
@@ -280,6 +327,12 @@ class RunConfig(_Section):
             raise ValueError("reward.overlong.buffer must be smaller than sampling.max_new_tokens")
         if self.rollout.backend == "vllm" and self.model.dtype == "float16" and self.rollout.device == "cpu":
             raise ValueError("vLLM on CPU needs model.dtype=float32 (or bfloat16)")
+        shared = sorted(set(self.learner.gpus or ()) & set(self.rollout.gpus or ()))
+        if shared:
+            raise ValueError(
+                f"learner.gpus and rollout.gpus share GPU(s) {shared}: NCCL weight sync needs the learner and every "
+                "rollout worker on GPUs of their own"
+            )
         return self
 
     @property

@@ -5,7 +5,8 @@ The launcher never imports the components (they pull torch and vLLM, ``services`
 ``sys.executable -m <package>`` child described by a :class:`ChildSpec`, which :class:`Supervisor` runs. Each child
 leads its own session, so a Ctrl-C on the terminal reaches only the launcher, which then stops the children in
 order: the learner first (it checkpoints), then the rollout servers, then the reward services, then Redis.
-Processes are signalled by pid (and by the process group each child leads), never by name.
+Processes are signalled by pid (and by the process group each child leads), never by name. Children on CUDA get GPUs
+of their own (``services/gpus.py``); a learner on several GPUs runs under torchrun.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Literal
 from rich.console import Console
 
 from services.config import RunConfig, load_config, write_resolved_config
+from services.gpus import GpuLayout, GpuLayoutError, GpuLister, plan_gpus, visible_gpus
 from services.redis_server import LocalRedis, free_port
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ REDIS_MAX_RESTARTS = 3
 LEARNER_STOP_GRACE_S = 300.0
 WORKER_STOP_GRACE_S = 30.0
 POLL_INTERVAL_S = 0.2
+# A learner on several GPUs runs under torchrun, which forwards the SIGTERM to every rank and SIGKILLs the ranks still
+# running after this long: shorter than LEARNER_STOP_GRACE_S, so torchrun cleans up its ranks before it is killed.
+TORCHRUN_SHUTDOWN_S = 270
 
 # Shutdown order: lower ranks are stopped (and waited for) first.
 STOP_RANK_LEARNER = 0
@@ -419,6 +424,37 @@ class _PortPicker:
         return chosen
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# GPUs
+
+
+def _plan_gpus(cfg: RunConfig, list_gpus: GpuLister) -> GpuLayout:
+    try:
+        return plan_gpus(cfg, list_gpus)
+    except GpuLayoutError as exc:
+        raise LaunchError(str(exc)) from exc
+
+
+def torchrun_argv(python: str, nproc: int) -> list[str]:
+    """``torchrun`` on this node with ``nproc`` ranks, before its script (``-m learner``) and the script's arguments.
+
+    ``--standalone`` picks a free rendezvous port, so runs side by side do not collide. On SIGTERM torchrun signals
+    every rank; the learner's rank 0 checkpoints and then releases the others (they ignore the signal), and ranks
+    still running after ``TORCHRUN_SHUTDOWN_S`` are killed. Each rank dies with torchrun (``learner.distributed``),
+    so a SIGKILL of torchrun by the launcher leaves no rank behind.
+    """
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            f"--shutdown-timeout={TORCHRUN_SHUTDOWN_S}"]  # fmt: skip
+
+
+def _gpu_env(gpus: Sequence[str]) -> dict[str, str]:
+    return {"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the children
+
+
 def build_child_specs(
     cfg: RunConfig,
     config_path: Path | None,
@@ -428,8 +464,14 @@ def build_child_specs(
     resume: bool = False,
     python: str = sys.executable,
     pick_port: Callable[[], int] = free_port,
+    gpus: GpuLayout | None = None,
+    list_gpus: GpuLister = visible_gpus,
 ) -> list[ChildSpec]:
-    """The learner, ``reward.replicas`` reward services and ``rollout.workers`` rollout servers of a run."""
+    """The learner, ``reward.replicas`` reward services and ``rollout.workers`` rollout servers of a run.
+
+    ``gpus`` is the GPU layout; None plans it with :func:`plan_gpus` over the GPUs ``list_gpus`` returns.
+    """
+    layout = gpus if gpus is not None else _plan_gpus(cfg, list_gpus)
     port = _PortPicker(pick_port)
     common = [f"--config={Path(config_path).resolve()}"] if config_path is not None else []
     for item in overrides:
@@ -439,12 +481,13 @@ def build_child_specs(
         env["DIPO_REDIS__PASSWORD"] = cfg.redis.password
 
     learner_port = port(cfg.learner.server.port, 0)
-    learner_argv = [python, "-m", "learner", *common, "--set", f"learner.server.port={learner_port}"]
+    launcher = torchrun_argv(python, len(layout.learner)) if len(layout.learner) > 1 else [python]
+    learner_argv = [*launcher, "-m", "learner", *common, "--set", f"learner.server.port={learner_port}"]
     specs = [
         ChildSpec(
             "learner",
             learner_argv + (["--resume"] if resume else []),
-            env | _thread_env(cfg.learner.torch_threads),
+            env | _thread_env(cfg.learner.torch_threads) | _gpu_env(layout.learner),
             RestartPolicy(restart_argv=tuple(learner_argv + ["--resume"])),
             primary=True,
             stop_rank=STOP_RANK_LEARNER,
@@ -460,7 +503,8 @@ def build_child_specs(
             name = f"{section}-{i}"
             argv = [python, "-m", package, *common, "--set", f"{section}.server.port={port(configured, i)}",
                     f"--port-file={cfg.resolved_run_dir / 'ports' / f'{name}.port'}"]  # fmt: skip
-            specs.append(ChildSpec(name, argv, env | _thread_env(threads), RestartPolicy(), stop_rank=rank))
+            gpu = _gpu_env(layout.rollout[i : i + 1]) if section == "rollout" else {}
+            specs.append(ChildSpec(name, argv, env | _thread_env(threads) | gpu, RestartPolicy(), stop_rank=rank))
     return specs
 
 
@@ -493,12 +537,15 @@ def launch(
     setup_logging(cfg.log_level, "launcher")
     run_dir = prepare_run_dir(cfg, resume=resume)
     _log_to_file(run_dir / "logs" / "launcher.log")
+    gpus = _plan_gpus(cfg, visible_gpus)  # before Redis: a node without enough GPUs fails at once
+    if gpus.learner or gpus.rollout:
+        log.info("GPU layout: %s", gpus.describe())
     redis_server = _start_redis(cfg, run_dir)
     try:
         redis_url = redis_server.url if redis_server is not None else str(cfg.redis.url)
         cfg.redis.url = redis_url
         write_resolved_config(cfg, run_dir)
-        specs = build_child_specs(cfg, config_path, overrides, redis_url=redis_url, resume=resume)
+        specs = build_child_specs(cfg, config_path, overrides, redis_url=redis_url, resume=resume, gpus=gpus)
         supervisor = Supervisor(specs, run_dir / "logs", redis=redis_server)
         code = _supervise(supervisor, cfg, run_dir, console, live=panel and console.is_terminal)
     finally:
