@@ -328,11 +328,19 @@ def draw_all(
 # --- pages ----------------------------------------------------------------------------------------------------------
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when below it (the report is read elsewhere), else as it is."""
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _intro(plan: ExperimentPlan, summary: dict[str, Any]) -> list[str]:
     early, late = summary["early_window"], summary["late_window"]
     seeds = ", ".join(map(str, plan.seeds))
     lines = [
-        f"config {plan.config}; {plan.steps} steps per run; seeds {seeds} (learner.seed and sampling.seed; "
+        f"config {_shown(plan.config)}; {plan.steps} steps per run; seeds {seeds} (learner.seed and sampling.seed; "
         f"data.seed as in the config, so every run sees the prompts in the same order)",
         f"late window: steps {late[0]}-{late[1]}; early window: steps {early[0]}-{early[1]}",
     ]

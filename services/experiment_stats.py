@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -384,11 +385,11 @@ def alpha_rows(plan: ExperimentPlan, heldout: dict[str, Any], windows: dict[str,
     return rows
 
 
-def _run_entry(r: RunData) -> dict[str, Any]:
+def _run_entry(r: RunData, out: Path) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "arm": r.run.arm.name,
         "seed": r.run.seed,
-        "run_dir": str(r.run.run_dir),
+        "run_dir": r.run.run_dir.relative_to(out).as_posix(),  # relative: the report stays true when copied away
         "status": r.status,
         "steps_logged": r.steps_logged,
         "eval": None,
@@ -426,7 +427,7 @@ def build_summary(plan: ExperimentPlan, data: dict[str, list[RunData]]) -> dict[
         "early_window": list(early),
         "late_window": list(late),
         "baseline": baseline,
-        "runs": [_run_entry(r) for arm in plan.arms for r in data[arm.name]],
+        "runs": [_run_entry(r, plan.out) for arm in plan.arms for r in data[arm.name]],
         "heldout": heldout,
         "windows": windows,
         "checks": mechanism_checks(plan, windows),
