@@ -383,11 +383,29 @@ def mark_failed(run_dir: Path, code: int) -> None:
 # --- evaluation -----------------------------------------------------------------------------------------------------
 
 
+def portable_args(args: Sequence[str], folder: Path) -> list[str]:
+    """``args`` with every path inside ``folder`` made relative to it: ``eval.args.json`` holds these, so that an
+    experiment folder copied elsewhere (or committed, docs/RESULTS.md) still knows what its evaluations were made with.
+    """
+    root = folder.resolve()
+    out = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_absolute() and path.resolve().is_relative_to(root):
+            arg = path.resolve().relative_to(root).as_posix()
+        out.append(arg)
+    return out
+
+
 def read_eval(folder: Path, args: Sequence[str]) -> dict[str, Any] | None:
-    """The cached evaluation result in ``folder`` if it was made with exactly these arguments, else None."""
+    """The cached evaluation result in ``folder`` if it was made with exactly these arguments, else None.
+
+    The record names paths inside ``folder`` relatively (:func:`portable_args`); one of an earlier version, with
+    absolute paths, counts too.
+    """
     result, record = folder / EVAL_FILE, folder / EVAL_ARGS_FILE
     try:
-        if json.loads(record.read_text()) != list(args):
+        if json.loads(record.read_text()) not in (portable_args(args, folder), list(args)):
             return None
         data = json.loads(result.read_text())
     except (FileNotFoundError, ValueError):
@@ -424,7 +442,7 @@ def evaluate_model(args: list[str], folder: Path, settings: EvalSettings, consol
     if code != 0:
         raise ExperimentError(f"the evaluation of {model} failed (exit {code}); see {log_path}")
     tmp.replace(result)
-    _write_json(record, args)
+    _write_json(record, portable_args(args, folder))
     metrics = json.loads(result.read_text())["metrics"]
     low, high = metrics["mean_at_k_ci95"]
     console.print(f"  mean@{settings.samples} {metrics['mean_at_k']:.3f} [{low:.3f}, {high:.3f}] -> {result}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from services.experiment import (
     parse_arm,
     parse_arms,
     parse_seeds,
+    portable_args,
+    read_eval,
     run_eval_args,
     run_experiment,
     run_state,
@@ -480,6 +483,23 @@ def test_report_pages_hold_every_arm_table_and_plot(synthetic: tuple[ExperimentP
         assert f"src='{name}'" in page and f"]({name})" in markdown
         assert (plan.report_dir / name).read_bytes().startswith(PNG_SIGNATURE)
     assert "../runs/dapo-s0/report/report.html" in page
+
+
+def test_evaluation_records_survive_moving_the_experiment_folder(tmp_path: Path) -> None:
+    plan = build_plan(QUICKSTART, "dapo", "1", tmp_path / "here", ["learner.steps=4"], baseline=False)
+    run = plan.runs[0]
+    write_eval(run, plan, [[True, False]])
+    record = portable_args(run_eval_args(run, plan), run.run_dir)  # what evaluate_model writes
+    assert not any(str(tmp_path) in arg for arg in record)
+    assert "checkpoints/step-000004" in record and "config.yaml" in record
+    (run.run_dir / EVAL_ARGS_FILE).write_text(json.dumps(record))
+    shutil.copytree(tmp_path / "here", tmp_path / "there")
+    moved = build_plan(QUICKSTART, "dapo", "1", tmp_path / "there", ["learner.steps=4"], baseline=False)
+    assert read_eval(moved.runs[0].run_dir, run_eval_args(moved.runs[0], moved)) is not None
+    # an absolute record of an earlier version still counts where it was made, and a changed setting does not
+    (run.run_dir / EVAL_ARGS_FILE).write_text(json.dumps(run_eval_args(run, plan)))
+    assert read_eval(run.run_dir, run_eval_args(run, plan)) is not None
+    assert read_eval(moved.runs[0].run_dir, [*run_eval_args(moved.runs[0], moved), "--threads", "9"]) is None
 
 
 def test_report_tolerates_missing_runs_stale_evaluations_and_nulls(tmp_path: Path) -> None:
