@@ -214,7 +214,8 @@ class PlannedRun:
     seed: int
     run_dir: Path
     overrides: tuple[str, ...]
-    config_digest: str  # sha256 of the resolved config (Redis section left out): the run's identity
+    config_digest: str  # sha256 of the resolved config (Redis section and run_dir left out): the run's identity
+    earlier_digest: str = ""  # the same with run_dir, as records written before it was left out have it (accepted)
 
     @property
     def label(self) -> str:
@@ -272,10 +273,14 @@ class ExperimentPlan:
         }
 
 
-def config_digest(cfg: RunConfig) -> str:
-    """sha256 of a resolved config without its Redis section (a local Redis gets a new port on every start)."""
+def config_digest(cfg: RunConfig, *, with_run_dir: bool = False) -> str:
+    """sha256 of a resolved config without its Redis section (a local Redis gets a new port on every start) and
+    without ``run_dir`` (where the experiment folder lies is not what the run trained: a moved folder still matches).
+    """
     data = cfg.model_dump(mode="json")
     data.pop("redis", None)
+    if not with_run_dir:
+        data.pop("run_dir", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -311,7 +316,8 @@ def build_plan(
                 f"name={name}",
             )
             cfg = load_config(config, run_overrides)
-            runs.append(PlannedRun(arm, seed, run_dir, run_overrides, config_digest(cfg)))
+            digests = config_digest(cfg), config_digest(cfg, with_run_dir=True)
+            runs.append(PlannedRun(arm, seed, run_dir, run_overrides, *digests))
     return ExperimentPlan(
         config=Path(config).resolve(),
         out=out,
@@ -342,7 +348,7 @@ def check_run_record(run: PlannedRun) -> None:
     record_path = run.run_dir / RUN_RECORD
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record.get("config_digest") != run.config_digest:
+        if record.get("config_digest") not in (run.config_digest, run.earlier_digest or run.config_digest):
             raise ExperimentError(
                 f"{run.run_dir} holds a run started with another config or other overrides "
                 f"(see {record_path}); use another --out, or delete that folder to train it again"

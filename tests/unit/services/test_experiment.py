@@ -485,7 +485,7 @@ def test_report_pages_hold_every_arm_table_and_plot(synthetic: tuple[ExperimentP
     assert "../runs/dapo-s0/report/report.html" in page
 
 
-def test_evaluation_records_survive_moving_the_experiment_folder(tmp_path: Path) -> None:
+def test_run_and_evaluation_records_survive_moving_the_experiment_folder(tmp_path: Path) -> None:
     plan = build_plan(QUICKSTART, "dapo", "1", tmp_path / "here", ["learner.steps=4"], baseline=False)
     run = plan.runs[0]
     write_eval(run, plan, [[True, False]])
@@ -493,8 +493,15 @@ def test_evaluation_records_survive_moving_the_experiment_folder(tmp_path: Path)
     assert not any(str(tmp_path) in arg for arg in record)
     assert "checkpoints/step-000004" in record and "config.yaml" in record
     (run.run_dir / EVAL_ARGS_FILE).write_text(json.dumps(record))
+    check_run_record(run)  # writes run.json
     shutil.copytree(tmp_path / "here", tmp_path / "there")
     moved = build_plan(QUICKSTART, "dapo", "1", tmp_path / "there", ["learner.steps=4"], baseline=False)
+    check_run_record(moved.runs[0])  # the moved run is the same run: not refused
+    record_path = run.run_dir / "run.json"  # a record of an earlier version (its digest covered run_dir) counts too
+    earlier = json.loads(record_path.read_text()) | {"config_digest": run.earlier_digest}
+    record_path.write_text(json.dumps(earlier))
+    check_run_record(run)
+    assert run.earlier_digest != run.config_digest
     assert read_eval(moved.runs[0].run_dir, run_eval_args(moved.runs[0], moved)) is not None
     # an absolute record of an earlier version still counts where it was made, and a changed setting does not
     (run.run_dir / EVAL_ARGS_FILE).write_text(json.dumps(run_eval_args(run, plan)))
