@@ -214,8 +214,7 @@ class PlannedRun:
     seed: int
     run_dir: Path
     overrides: tuple[str, ...]
-    config_digest: str  # sha256 of the resolved config (Redis section and run_dir left out): the run's identity
-    earlier_digest: str = ""  # the same with run_dir, as records written before it was left out have it (accepted)
+    config_digest: str  # sha256 of the resolved config's non-default settings but Redis and run_dir: its identity
 
     @property
     def label(self) -> str:
@@ -273,14 +272,16 @@ class ExperimentPlan:
         }
 
 
-def config_digest(cfg: RunConfig, *, with_run_dir: bool = False) -> str:
-    """sha256 of a resolved config without its Redis section (a local Redis gets a new port on every start) and
-    without ``run_dir`` (where the experiment folder lies is not what the run trained: a moved folder still matches).
+def config_digest(cfg: RunConfig) -> str:
+    """sha256 of the settings of a resolved config that differ from their defaults, without its Redis section (a local
+    Redis gets a new port on every start) and ``run_dir`` (a moved experiment folder holds the same runs).
+
+    Only non-default settings count, so that a setting added in a later version (at its default) does not disown
+    the runs already done; a run trained under a default that a later version changes is not told apart.
     """
-    data = cfg.model_dump(mode="json")
+    data = cfg.model_dump(mode="json", exclude_defaults=True)
     data.pop("redis", None)
-    if not with_run_dir:
-        data.pop("run_dir", None)
+    data.pop("run_dir", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -316,8 +317,7 @@ def build_plan(
                 f"name={name}",
             )
             cfg = load_config(config, run_overrides)
-            digests = config_digest(cfg), config_digest(cfg, with_run_dir=True)
-            runs.append(PlannedRun(arm, seed, run_dir, run_overrides, *digests))
+            runs.append(PlannedRun(arm, seed, run_dir, run_overrides, config_digest(cfg)))
     return ExperimentPlan(
         config=Path(config).resolve(),
         out=out,
@@ -348,7 +348,7 @@ def check_run_record(run: PlannedRun) -> None:
     record_path = run.run_dir / RUN_RECORD
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record.get("config_digest") not in (run.config_digest, run.earlier_digest or run.config_digest):
+        if record.get("config_digest") != run.config_digest:
             raise ExperimentError(
                 f"{run.run_dir} holds a run started with another config or other overrides "
                 f"(see {record_path}); use another --out, or delete that folder to train it again"
