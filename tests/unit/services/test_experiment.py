@@ -7,6 +7,7 @@ import io
 import json
 import math
 import shutil
+import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -502,6 +503,30 @@ def test_run_and_evaluation_records_survive_moving_the_experiment_folder(tmp_pat
     (run.run_dir / EVAL_ARGS_FILE).write_text(json.dumps(run_eval_args(run, plan)))
     assert read_eval(run.run_dir, run_eval_args(run, plan)) is not None
     assert read_eval(moved.runs[0].run_dir, [*run_eval_args(moved.runs[0], moved), "--threads", "9"]) is None
+
+
+def test_an_exported_experiment_restores_its_runs_elsewhere(tmp_path: Path) -> None:
+    here, export, there = tmp_path / "here", tmp_path / "export", tmp_path / "there"
+    plan = build_plan(QUICKSTART, "dapo,dipo", "1", here, ["learner.steps=4"], baseline=False)
+    here.mkdir()
+    (here / "experiment.json").write_text(json.dumps(plan.to_dict()))
+    (here / "config.yaml").write_text("{}")
+    for run in plan.runs:
+        check_run_record(run)
+        finish(run, plan)
+        write_metrics(run.run_dir, [line(step) for step in range(1, 5)])
+        write_eval(run, plan, [[True, False], [True, True]])
+        (run.run_dir / EVAL_ARGS_FILE).write_text(json.dumps(portable_args(run_eval_args(run, plan), run.run_dir)))
+    build_experiment_report(plan)
+    subprocess.run(["bash", str(REPO / "scripts" / "export_experiment.sh"), str(here), str(export)], check=True)
+    assert not list(export.rglob("checkpoints")) and (export / "report" / "summary.md").is_file()
+    shutil.copytree(export, there)
+    moved = build_plan(QUICKSTART, "dapo,dipo", "1", there, ["learner.steps=4"], baseline=False)
+    for run in moved.runs:
+        check_run_record(run)
+        assert run_state(run.run_dir) == "done"
+    data = load_runs(moved)
+    assert all(r.eval is not None and r.steps_logged == 4 for runs in data.values() for r in runs)
 
 
 def test_report_tolerates_missing_runs_stale_evaluations_and_nulls(tmp_path: Path) -> None:
