@@ -74,20 +74,25 @@ def _wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
     return bool(predicate())
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")
-def test_killing_a_torchrun_learner_that_ignores_sigterm_kills_every_rank(tmp_path: Path) -> None:
+def _supervise_torchrun(tmp_path: Path, rank_script: str, stop_grace_s: float) -> tuple[Supervisor, Path, Path]:
+    """Start ``rank_script`` as 2 torchrun ranks under a Supervisor; the supervisor, the ranks' out folder, the log."""
     script = tmp_path / "rank.py"
-    script.write_text(RANK)
+    script.write_text(rank_script)
     out = tmp_path / "out"
     out.mkdir()
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    spec = ChildSpec("learner", [*torchrun_argv(sys.executable, 2), str(script), str(out)], env, stop_grace_s=3.0)
-    supervisor = Supervisor([spec], tmp_path / "logs")
+    argv = [*torchrun_argv(sys.executable, 2), str(script), str(out)]
+    supervisor = Supervisor([ChildSpec("learner", argv, env, stop_grace_s=stop_grace_s)], tmp_path / "logs")
     supervisor.start()
+    return supervisor, out, tmp_path / "logs" / "learner.log"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")
+def test_killing_a_torchrun_learner_that_ignores_sigterm_kills_every_rank(tmp_path: Path) -> None:
+    supervisor, out, log = _supervise_torchrun(tmp_path, RANK, stop_grace_s=3.0)
     ranks: list[int] = []
     try:
         pid_files = [out / "rank0.pid", out / "rank1.pid"]
-        log = tmp_path / "logs" / "learner.log"
         assert _wait_for(lambda: all(p.exists() for p in pid_files), 150), log.read_text()[-3000:]
         torchrun = supervisor.children[0].proc
         assert torchrun is not None
@@ -110,16 +115,8 @@ def test_killing_a_torchrun_learner_that_ignores_sigterm_kills_every_rank(tmp_pa
 
 
 def test_torchrun_passes_the_stop_on_and_waits_for_rank_0_to_release_the_others(tmp_path: Path) -> None:
-    script = tmp_path / "rank.py"
-    script.write_text(ORDERLY_RANK)
-    out = tmp_path / "out"
-    out.mkdir()
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    spec = ChildSpec("learner", [*torchrun_argv(sys.executable, 2), str(script), str(out)], env, stop_grace_s=60.0)
-    supervisor = Supervisor([spec], tmp_path / "logs")
-    supervisor.start()
+    supervisor, out, log = _supervise_torchrun(tmp_path, ORDERLY_RANK, stop_grace_s=60.0)
     try:
-        log = tmp_path / "logs" / "learner.log"
         assert _wait_for(lambda: all((out / f"rank{r}.pid").exists() for r in (0, 1)), 150), log.read_text()[-3000:]
         started = time.monotonic()
         supervisor.stop_children()
