@@ -16,8 +16,8 @@ from typing import Any
 
 from _common import write_result
 
-from reward_service.verifiers.bfcl_data import BfclItem, load_bfcl
 from reward_service.verifiers.function_call import verify_function_call
+from services.bfcl import BfclItem, load_bfcl
 
 CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "irrelevance")
 
@@ -36,8 +36,10 @@ def _pick(options: list[Any], schema: dict[str, Any]) -> Any:
 
 
 def ground_truth_calls(item: BfclItem) -> list[tuple[str, dict[str, Any]]] | None:
-    """First acceptable value of every mandatory parameter; None for items BFCL's data makes unsolvable."""
-    if item.ground_truth is None:
+    """First acceptable value of every mandatory parameter; None for items BFCL's data makes unsolvable.
+
+    No-call categories (ground truth ``[]``) get a call of their first function: the response to reject."""
+    if not item.ground_truth:
         doc = item.functions[0]
         return [(doc["name"], {key: 1 for key in doc["parameters"].get("required", [])})]
     docs = {doc["name"]: doc for doc in item.functions}

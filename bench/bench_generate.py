@@ -20,9 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from _common import write_result
 
-from rollout_server.backends import Sampling
 from rollout_server.backends.hf import HFBackend, left_pad
 from services.modeling.loading import DEFAULT_MODEL
+from services.protocol import Sampling
 
 PROMPTS_PER_BATCH = 4
 SAMPLES_PER_PROMPT = 4

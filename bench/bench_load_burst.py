@@ -51,20 +51,11 @@ from _common import write_result
 from learner.batch import BatchAssembler
 from learner.data import DataItem
 from learner.feeder import PromptFeeder
+from runner.redis_server import LocalRedis
 from services.config import RunConfig, load_config
+from services.contracts import DEADLETTER, PROMPTS, ROLLOUTS, SCORED
 from services.protocol import DeadLetter, PromptTask, Response, RolloutGroup, ScoredGroup
-from services.redis_server import LocalRedis
-from services.streams import (
-    DATA_FIELD,
-    DEADLETTER,
-    PROMPTS,
-    ROLLOUTS,
-    SCORED,
-    StreamClient,
-    StreamSpec,
-    connect,
-    run_key,
-)
+from services.streams import DATA_FIELD, StreamClient, StreamSpec, connect, run_key
 
 REPO = Path(__file__).resolve().parents[1]
 WORK_STREAMS = {PROMPTS: "rollout", ROLLOUTS: "reward", SCORED: "learner"}  # stream -> its consumer group

@@ -1,4 +1,4 @@
-"""Benchmark the math verifier: per-item latency of verify_math-style calls on realistic responses.
+"""Benchmark the math verifier: per-item latency of MathVerifier calls on realistic responses.
 
 Run: .venv/bin/python bench/bench_math_verifier.py [--items 200] [--workers 2]
 Writes bench/results/verifier_math.json: p50/p99 latency of one blocking verify (extraction in the caller, the

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 from _common import write_result
 
-from services.protocol import PromptTask, Response, RolloutGroup, SamplingParams, ScoredGroup
+from services.protocol import PromptTask, Response, RolloutGroup, Sampling, ScoredGroup
 
 TARGET_MB_S = 500.0
 CHARS_PER_TOKEN = 3  # the decoded text travels too; BPE averages about 3-4 characters per token
@@ -31,7 +31,7 @@ def make_rollout_group(responses: int, tokens: int, seed: int = 0, prompt_id: st
         messages=[{"role": "user", "content": "Compute 17 * 23 and put the answer in \\boxed{}. " * 4}],
         ground_truth="391",
         n=responses,
-        sampling=SamplingParams(temperature=1.0, max_new_tokens=tokens),
+        sampling=Sampling(temperature=1.0, max_new_tokens=tokens),
         created_at=time.time(),
     )
     words = "the answer is therefore boxed step check ".split()

@@ -21,9 +21,10 @@ import numpy as np
 import yaml
 from _common import write_result
 
-from services.protocol import PromptTask, Response, RolloutGroup, SamplingParams
-from services.redis_server import LocalRedis
-from services.streams import ROLLOUTS, SCORED, StreamClient, StreamSpec, connect
+from runner.redis_server import LocalRedis
+from services.contracts import ROLLOUTS, SCORED
+from services.protocol import PromptTask, Response, RolloutGroup, Sampling
+from services.streams import StreamClient, StreamSpec, connect
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def make_group(i: int, rng: np.random.Generator, n: int = 16, tokens: int = 256)
     """A math group: gold a+b, responses boxing the right or a wrong sum, with plausible log-probs."""
     a, b = int(rng.integers(0, 100)), int(rng.integers(0, 100))
     task = PromptTask(f"bench-{i}", "math", [{"role": "user", "content": f"{a}+{b}?"}], str(a + b), n,
-                      SamplingParams(max_new_tokens=512))  # fmt: skip
+                      Sampling(max_new_tokens=512))  # fmt: skip
     responses = []
     for _ in range(n):
         answer = a + b if rng.random() < 0.5 else a + b + int(rng.integers(1, 9))

@@ -29,9 +29,10 @@ from _common import write_result
 from bench_generate import EXAMPLE, INSTRUCTION, QUESTION, bare_generate
 from bench_weight_sync import broadcast_seconds
 
-from rollout_server.backends import Backend, Sampling
+from rollout_server.backends import Backend
 from rollout_server.backends.hf import HFBackend
 from services.modeling.loading import DEFAULT_MODEL
+from services.protocol import Sampling
 
 SAMPLES_PER_PROMPT = 8
 MAX_NEW_TOKENS = 128

@@ -16,13 +16,13 @@ from multiprocessing.sharedctypes import Synchronized
 from _common import write_result
 from bench_protocol import make_rollout_group
 
+from runner.redis_server import LocalRedis
+from services.contracts import REWARD_GROUP, ROLLOUTS
 from services.protocol import RolloutGroup
-from services.redis_server import LocalRedis
-from services.streams import ROLLOUTS, StreamClient, StreamSpec, connect
+from services.streams import StreamClient, StreamSpec, connect
 
 TARGET_GROUPS_S = 200.0
 RUN = "bench"
-GROUP = "reward"
 
 
 async def _produce(url: str, groups: int, responses: int, tokens: int, started: Synchronized[float]) -> None:
@@ -44,7 +44,7 @@ def produce(url: str, groups: int, responses: int, tokens: int, started: Synchro
 async def consume(url: str, groups: int, batch: int) -> float:
     """Read, decode and ack until `groups` groups are done; return the time the last one was acknowledged."""
     redis = connect(url)
-    client = StreamClient(redis, StreamSpec(RUN, ROLLOUTS), GROUP, "consumer-0")
+    client = StreamClient(redis, StreamSpec(RUN, ROLLOUTS), REWARD_GROUP, "consumer-0")
     done, seen = 0, set()
     while done < groups:
         got = await client.read_decoded(RolloutGroup.from_bytes, count=batch, block_ms=1000)
@@ -101,7 +101,7 @@ def main() -> None:
 
 async def _ensure_group(url: str) -> None:
     redis = connect(url)
-    await StreamClient(redis, StreamSpec(RUN, ROLLOUTS), GROUP, "setup").ensure_group()
+    await StreamClient(redis, StreamSpec(RUN, ROLLOUTS), REWARD_GROUP, "setup").ensure_group()
     await redis.aclose()
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -124,31 +125,32 @@ def run(args: argparse.Namespace) -> EvalResult:
     """Resolve every input (raising ValueError on bad ones), then evaluate."""
     cfg = load_config(args.config)
     items, blocks = load_eval_items(args, cfg)
-    from rollout_server.backends import Sampling  # torch: only once the inputs are known to be good
+    from rollout_server.backends import BackendOptions  # torch loads here, after every input was checked
 
     seed = next((s for s in (args.seed, cfg.sampling.seed) if s is not None), DEFAULT_SEED)
-    sampling = Sampling(
-        temperature=cfg.sampling.temperature if args.temperature is None else args.temperature,
-        top_p=cfg.sampling.top_p if args.top_p is None else args.top_p,
-        top_k=cfg.sampling.top_k,
-        stop=list(cfg.sampling.stop),
-        max_new_tokens=cfg.sampling.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
-        seed=seed,
+    sampling = cfg.sampling.record(seed=seed)
+    sampling = replace(
+        sampling,
+        temperature=sampling.temperature if args.temperature is None else args.temperature,
+        top_p=sampling.top_p if args.top_p is None else args.top_p,
+        max_new_tokens=sampling.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
     )
-    backend_kind = args.backend or cfg.rollout.backend
-    options = {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization, "seed": seed}
+    options = BackendOptions(
+        model=model_path(args.model or cfg.model.name_or_path, cfg),
+        device=args.device or cfg.rollout.device,
+        dtype=cfg.model.dtype,
+        num_threads=cfg.rollout.torch_threads if args.threads is None else args.threads,
+        seed=seed,
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+    )
     result = evaluate(
-        model_path(args.model or cfg.model.name_or_path, cfg),
+        options,
         items,
         cfg.sampling.n if args.samples is None else args.samples,
         sampling,
-        backend_kind=backend_kind,
-        device=args.device or cfg.rollout.device,
+        backend_kind=args.backend or cfg.rollout.backend,
         batch_prompts=cfg.rollout.prompts_per_batch if args.batch_prompts is None else args.batch_prompts,
-        dtype=cfg.model.dtype,
-        num_threads=cfg.rollout.torch_threads if args.threads is None else args.threads,
         reward=cfg.reward,
-        backend_options=options if backend_kind == "vllm" else None,
         progress=not args.no_progress,
         keep_responses=args.responses,
     )

@@ -11,10 +11,9 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -25,13 +24,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from learner.data import DataItem
 from reward_service.verifiers.base import Status, VerifyResult
-from reward_service.verifiers.function_call import verify_function_call
-from reward_service.verifiers.math import MathVerifier, MathVerifyOptions
+from reward_service.verify import Verifiers
 from services.config import DataConfig, RewardConfig
 from services.stats import bootstrap_ci
 
 if TYPE_CHECKING:
-    from rollout_server.backends import Backend, PromptGroup, Sampling
+    from rollout_server.backends import Backend, BackendOptions, PromptGroup
+    from services.protocol import Sampling
 
 SCHEMA_VERSION = 1
 """Version of the JSON result layout (EvalResult.to_dict); bump it when a key changes meaning."""
@@ -150,17 +149,14 @@ def first_per_category(items: Sequence[DataItem], limit: int | None) -> list[Dat
 
 
 def check_items(items: Sequence[DataItem]) -> None:
-    """Raise ValueError before any generation when an item cannot be verified."""
+    """Raise ValueError before any generation when an item cannot be verified (by the reward service's verifiers)."""
     if not items:
         raise ValueError("no items to evaluate")
     for item in items:
-        if item.task_kind == "math" and not isinstance(item.ground_truth, str):
-            raise ValueError(f"math item {item.item_id} needs a string ground truth")
-        if item.task_kind == "function_call" and "java" in item.category:
-            raise ValueError(
-                f"item {item.item_id}: category {item.category!r} uses Java/JavaScript types, which the "
-                "function-call verifier does not check; evaluate Python-typed categories only"
-            )
+        try:
+            Verifiers.validate(item)
+        except ValueError as exc:
+            raise ValueError(f"item {item.item_id}: {exc}") from exc
 
 
 # --- verdicts and metrics ---------------------------------------------------------------------------------------
@@ -375,41 +371,6 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-class _Verification:
-    """Verifies responses as their batch finishes: math on the worker pool (overlapping the next batch's
-    generation), function calls inline (bounded by construction)."""
-
-    def __init__(self, items: Sequence[DataItem], reward: RewardConfig) -> None:
-        self._math: MathVerifier | None = None
-        if any(item.task_kind == "math" for item in items):
-            options = MathVerifyOptions(fallbacks=tuple(reward.math_fallbacks), timeout_s=reward.verify_timeout_s)
-            self._math = MathVerifier(options, num_workers=reward.verifier_workers)
-
-    def submit(self, item: DataItem, response: str) -> Future[VerifyResult]:
-        """Queue (math) or run (function call) one verification."""
-        if item.task_kind == "math":
-            assert self._math is not None and isinstance(item.ground_truth, str), "checked by check_items"
-            return self._math.submit(response, item.ground_truth)
-        future: Future[VerifyResult] = Future()
-        future.set_result(_verify_call(item, response))
-        return future
-
-    def close(self) -> None:
-        """Stop the math workers."""
-        if self._math is not None:
-            self._math.close()
-
-
-def _verify_call(item: DataItem, response: str) -> VerifyResult:
-    truth: Any = item.ground_truth
-    if isinstance(truth, str):
-        truth = json.loads(truth) if truth else []
-    try:
-        return verify_function_call(response, list(item.tools), truth, item.category or "simple_python")
-    except ValueError as exc:  # an item the checker cannot read (bad docs or truth): counted as status error
-        return VerifyResult(Status.ERROR, 0.0, None, f"{type(exc).__name__}: {exc}")
-
-
 @dataclass
 class _Pending:
     item: DataItem
@@ -435,64 +396,47 @@ def _collect(pending: _Pending, keep_responses: bool) -> ItemResult:
     return ItemResult.from_samples(pending.item, samples)
 
 
-def _build_backend(
-    model: str | Path,
-    backend_kind: str,
-    device: str,
-    dtype: str | None,
-    num_threads: int | None,
-    options: Mapping[str, Any],
-) -> Backend:
-    from rollout_server.backends import create_backend
-
-    if backend_kind == "hf":
-        return create_backend("hf", model=model, device=device, dtype=dtype, num_threads=num_threads, **options)
-    # vLLM places itself on the GPU and picks its own threads: device and num_threads do not apply.
-    return create_backend(backend_kind, model=model, dtype=dtype, **options)
-
-
 def evaluate(
-    model: str | Path,
+    options: BackendOptions,
     items: Sequence[DataItem],
     samples: int,
     sampling: Sampling,
     backend_kind: str = "hf",
-    device: str = "cpu",
     *,
     batch_prompts: int = 4,
-    dtype: str | None = None,
-    num_threads: int | None = None,
     reward: RewardConfig | None = None,
     backend: Backend | None = None,
-    backend_options: Mapping[str, Any] | None = None,
     keep_responses: bool = False,
     progress: bool = True,
 ) -> EvalResult:
-    """Sample `samples` responses per item, verify them and compute the metrics.
+    """Sample `samples` responses per item of `options.model`, verify them and compute the metrics.
 
     `sampling.seed` makes the run deterministic (each batch gets `batch_seed(seed, index)`, so results also depend
-    on `batch_prompts`). Pass a ready `backend` to reuse a loaded model; it is then left open. `backend_options`
-    go to the backend's constructor as extra keywords (vllm: `gpu_memory_utilization`, `seed`).
+    on `batch_prompts`). Pass a ready `backend` to reuse a loaded model; it is then left open. Responses are
+    verified as the reward service verifies them (`reward`: its verifiers, time bound and partial-credit rule).
     """
     if samples < 1 or batch_prompts < 1:
         raise ValueError(f"samples and batch_prompts must be >= 1, got {samples} and {batch_prompts}")
     check_items(items)
     started = time.perf_counter()
-    verification = _Verification(items, reward or RewardConfig())  # its workers warm up while the model loads
+    # started before the model loads, so that verifier workers warm up meanwhile
+    verifiers = Verifiers(reward or RewardConfig(), kinds={item.task_kind for item in items})
     owned = backend is None
     try:
         if backend is None:
-            backend = _build_backend(model, backend_kind, device, dtype, num_threads, backend_options or {})
-        results, tokens, generation_s = _run(backend, items, samples, sampling, batch_prompts, verification,
+            from rollout_server.backends import create_backend  # torch and transformers load only now
+
+            backend = create_backend(backend_kind, options)
+        results, tokens, generation_s = _run(backend, items, samples, sampling, batch_prompts, verifiers,
                                              keep_responses, progress)  # fmt: skip
     finally:
-        verification.close()
+        verifiers.close()
         if owned and backend is not None:
             backend.close()
     return EvalResult(
-        model=str(model),
+        model=str(options.model),
         backend=backend_kind,
-        device=device,
+        device=options.device,
         samples=samples,
         sampling={**_sampling_dict(sampling), "batch_prompts": batch_prompts},
         items=results,
@@ -521,7 +465,7 @@ def _run(
     samples: int,
     sampling: Sampling,
     batch_prompts: int,
-    verification: _Verification,
+    verifiers: Verifiers,
     keep_responses: bool,
     progress: bool,
 ) -> tuple[list[ItemResult], int, float]:
@@ -537,6 +481,6 @@ def _run(
             generation_s += time.perf_counter() - start
             for item, group in zip(batch, groups, strict=True):
                 tokens += sum(len(c.token_ids) for c in group.completions)
-                pending.append(_Pending(item, [verification.submit(item, c.text) for c in group.completions], group))
+                pending.append(_Pending(item, [verifiers.submit(item, c.text) for c in group.completions], group))
             bar.update(task, advance=len(batch), tokens_per_s=tokens / generation_s if generation_s else 0.0)
     return [_collect(p, keep_responses) for p in pending], tokens, generation_s

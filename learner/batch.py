@@ -28,13 +28,14 @@ import redis.asyncio as aioredis
 
 from learner.advantages import group_advantages
 from services.config import RunConfig
+from services.contracts import LEARNER_CONSUMER, LEARNER_GROUP, SCORED
+from services.contracts import MetricKey as K
 from services.protocol import ProtocolError, ScoredGroup
 from services.stream_upkeep import OutageBackoff
-from services.streams import DATA_FIELD, SCORED, TRANSIENT_ERRORS, Entry, StreamClient, call_with_retries
+from services.streams import DATA_FIELD, TRANSIENT_ERRORS, Entry, StreamClient, call_with_retries
 
 log = logging.getLogger(__name__)
 
-LEARNER_GROUP = "learner"
 DROP_REASONS = ("stale", "no_signal", "duplicate")
 SEEN_CAPACITY = 1_000_000
 """Used prompt ids remembered for duplicate detection; duplicates arrive within minutes, so this is ample."""
@@ -275,8 +276,8 @@ def batch_stats(consumed: Sequence[ScoredGroup], used: Sequence[ScoredGroup], ve
         stats[f"kind_{kind}"] = sum(g.group_kind == kind for g in consumed) / n_consumed if n_consumed else math.nan
     for action in ("reward", "penalty"):
         stats[f"realloc_{action}"] = float(sum(g.action == action for g in consumed))
-    stats["gate_open_ratio"] = sum(g.gate_open for g in consumed) / n_consumed if n_consumed else math.nan
-    stats["tau"] = _mean([g.tau for g in consumed if math.isfinite(g.tau)])
+    stats[K.GATE_OPEN_RATIO] = sum(g.gate_open for g in consumed) / n_consumed if n_consumed else math.nan
+    stats[K.TAU] = _mean([g.tau for g in consumed if math.isfinite(g.tau)])
     ppl: dict[bool, list[float]] = {True: [], False: []}
     quadrants = {"CL": 0, "CH": 0, "EL": 0, "EH": 0}
     for g in consumed:
@@ -285,18 +286,18 @@ def batch_stats(consumed: Sequence[ScoredGroup], used: Sequence[ScoredGroup], ve
                 continue
             ppl[bool(c)].append(p)
             quadrants[("C" if c else "E") + ("L" if p < g.tau else "H")] += 1
-    stats["ppl_correct"] = _mean([p for p in ppl[True] if math.isfinite(p)])
-    stats["ppl_wrong"] = _mean([p for p in ppl[False] if math.isfinite(p)])
+    stats[K.PPL_CORRECT] = _mean([p for p in ppl[True] if math.isfinite(p)])
+    stats[K.PPL_WRONG] = _mean([p for p in ppl[False] if math.isfinite(p)])
     placed = sum(quadrants.values())
     for name, count in quadrants.items():
         stats[f"quad_{name}"] = count / placed if placed else math.nan
     rewards = [float(x) for g in used for x in g.reward]
-    stats["reward_mean"] = _mean(rewards)
-    stats["accuracy"] = _mean([float(x) for g in used for x in g.correct])
+    stats[K.REWARD_MEAN] = _mean(rewards)
+    stats[K.ACCURACY] = _mean([float(x) for g in used for x in g.correct])
     lags = [version - g.oldest_version for g in used]
-    stats["staleness_mean"] = _mean(lags)
-    stats["staleness_max"] = float(max(lags)) if lags else math.nan
-    stats["gen_tokens"] = float(sum(len(r.token_ids) for g in consumed for r in g.rollout.responses))
+    stats[K.STALENESS_MEAN] = _mean(lags)
+    stats[K.STALENESS_MAX] = float(max(lags)) if lags else math.nan
+    stats[K.GEN_TOKENS] = float(sum(len(r.token_ids) for g in consumed for r in g.rollout.responses))
     return stats
 
 
@@ -307,7 +308,7 @@ class BatchAssembler:
         self,
         cfg: RunConfig,
         redis: aioredis.Redis,
-        consumer: str = "learner-0",
+        consumer: str = LEARNER_CONSUMER,
         seen_ids: Iterable[str] = (),
         *,
         totals: Mapping[str, int] | None = None,
@@ -482,8 +483,8 @@ class BatchAssembler:
         stats = batch_stats(consumed, used, version)
         stats |= {f"dropped_{reason}": float(self.totals[reason]) for reason in DROP_REASONS}
         stats["returned"] = float(len(returned_ids))
-        stats["tokens"] = float(sum(len(s.response_ids) for s in samples if s.trainable))
-        stats["wait_seconds"] = waited_s
+        stats[K.TOKENS] = float(sum(len(s.response_ids) for s in samples if s.trainable))
+        stats[K.WAIT_SECONDS] = waited_s
         return StepBatch(
             samples=samples,
             entry_ids=[entry_id for entry_id, _ in taken],

@@ -8,44 +8,24 @@ the row shapes files may use and how prompts are built.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from learner.prompts import Message, build_function_call_messages, build_math_messages, worked_answer
+from services import bfcl
 from services.config import DataConfig
+from services.extensions import TASK_KINDS, TaskKind
+from services.jsonl import read_json_lines
 
-TaskKind = Literal["math", "function_call"]
-TASK_KINDS: tuple[str, ...] = ("math", "function_call")
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 FEW_SHOT_SEED_OFFSET = 1_000_003
 """Worked examples come from the same generator seeded `seed + offset`: a different stream than the items."""
 FEW_SHOT_POOL = 64
 """Candidate worked examples generated once per load; each item draws its examples from this pool."""
-
-BFCL_VERSION_PREFIX = "BFCL_v4"
-BFCL_IRRELEVANCE = ("irrelevance", "live_irrelevance")
-"""Categories whose correct answer is to call nothing: ground truth []."""
-BFCL_CATEGORIES = (
-    "simple_python",
-    "simple_java",
-    "simple_javascript",
-    "multiple",
-    "parallel",
-    "parallel_multiple",
-    "live_simple",
-    "live_multiple",
-    "live_parallel",
-    "live_parallel_multiple",
-    *BFCL_IRRELEVANCE,
-)
-"""Single-turn BFCL categories with an exact ground truth. Multi-turn, memory, web search and live_relevance need
-an executable environment or have no call-level answer, so they are not prompt sources."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +107,7 @@ def reasoning_gym_items(cfg: DataConfig) -> list[DataItem]:
         items.append(
             DataItem(
                 item_id=item_id,
-                task_kind="math",
+                task_kind=cfg.task_kind,
                 messages=build_math_messages(entry["question"], examples, cfg.system_prompt),
                 ground_truth=str(entry["answer"]),
                 tools=[],
@@ -140,75 +120,31 @@ def reasoning_gym_items(cfg: DataConfig) -> list[DataItem]:
 # --- BFCL -------------------------------------------------------------------------------------------------------
 
 
-def bfcl_data_dir() -> Path:
-    """The data folder of the installed bfcl-eval package, found without importing it (its evaluator calls eval)."""
-    spec = importlib.util.find_spec("bfcl_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("data.source=bfcl needs the bfcl-eval package: pip install --no-deps bfcl-eval==2026.3.23")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
-    if not folder.is_dir():
-        raise ValueError(f"bfcl-eval is installed but has no data folder at {folder}")
-    return folder
-
-
-def _read_json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {number}: not valid JSON: {exc.msg}") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{path} line {number}: a row must be a JSON object, got {type(row).__name__}")
-            yield number, row
-
-
-def _bfcl_language(category: str) -> str:
-    if category.endswith("_javascript"):
-        return "javascript"
-    return "java" if category.endswith("_java") else "python"
-
-
-def _bfcl_category_items(folder: Path, category: str, system_prompt: str | None) -> list[DataItem]:
-    answers: dict[str, list[Any]] = {}
-    if category not in BFCL_IRRELEVANCE:
-        answer_path = folder / "possible_answer" / f"{BFCL_VERSION_PREFIX}_{category}.json"
-        answers = {row["id"]: row["ground_truth"] for _, row in _read_json_lines(answer_path)}
-    path = folder / f"{BFCL_VERSION_PREFIX}_{category}.json"
-    items = []
-    for number, row in _read_json_lines(path):
-        where = f"{path} line {number}"
-        turns = row.get("question")
-        if not isinstance(turns, list) or len(turns) != 1:
-            raise ValueError(f"{where}: expected a single-turn question, got {type(turns).__name__}")
-        if category not in BFCL_IRRELEVANCE and row["id"] not in answers:
-            raise ValueError(f"{where}: item {row['id']} has no possible answer")
-        tools = row.get("function") or []
-        items.append(
-            DataItem(
-                item_id=row["id"],
-                task_kind="function_call",
-                messages=build_function_call_messages(
-                    _check_messages(turns[0], where), tools, system_prompt, _bfcl_language(category)
-                ),
-                ground_truth=answers.get(row["id"], []),
-                tools=tools,
-                category=category,
-            )
-        )
-    return items
-
-
 def bfcl_items(cfg: DataConfig) -> list[DataItem]:
     """Items of the comma-separated BFCL v4 categories in `cfg.dataset`, in file order."""
     categories = [c.strip() for c in cfg.dataset.split(",") if c.strip()]
-    unknown = [c for c in categories if c not in BFCL_CATEGORIES]
+    unknown = [c for c in categories if c not in bfcl.PROMPT_CATEGORIES]
     if not categories or unknown:
-        raise ValueError(f"data.dataset must list BFCL categories from {', '.join(BFCL_CATEGORIES)}; got {unknown}")
-    folder = bfcl_data_dir()
-    items = [item for category in categories for item in _bfcl_category_items(folder, category, cfg.system_prompt)]
+        raise ValueError(
+            f"data.dataset must list BFCL categories from {', '.join(bfcl.PROMPT_CATEGORIES)}; got {unknown}"
+        )
+    items = [
+        DataItem(
+            item_id=item.id,
+            task_kind="function_call",
+            messages=build_function_call_messages(
+                _check_messages(item.messages, f"BFCL item {item.id}"),
+                item.functions,
+                cfg.system_prompt,
+                item.language,
+            ),  # fmt: skip
+            ground_truth=item.ground_truth if item.ground_truth is not None else [],
+            tools=item.functions,
+            category=item.category,
+        )
+        for category in categories
+        for item in bfcl.load_bfcl(category)
+    ]
     _check_unique_ids(items, cfg.dataset)
     return items
 
@@ -297,7 +233,7 @@ def file_items(path: Path, cfg: DataConfig) -> list[DataItem]:
     """Items of a JSONL or Parquet file, one per row (rows: see docs/DATA.md); ids default to `file:line`."""
     if not path.is_file():
         raise ValueError(f"data.path {path} does not exist or is not a file")
-    rows = _read_parquet(path) if cfg.source == "parquet" else _read_json_lines(path)
+    rows = _read_parquet(path) if cfg.source == "parquet" else read_json_lines(path)
     unit = "row" if cfg.source == "parquet" else "line"
     items = [_row_item(row, cfg, f"{path} {unit} {number}", f"{path.name}:{number}") for number, row in rows]
     _check_unique_ids(items, str(path))

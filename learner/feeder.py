@@ -31,24 +31,14 @@ import redis.asyncio as aioredis
 
 from learner.data import DataItem, EpochOrder
 from services.config import RunConfig
+from services.contracts import DEADLETTER, FEEDER, PROMPTS, ROLLOUTS, SCORED
 from services.ledger import dead_letter_prompt_id
-from services.protocol import PromptTask, SamplingParams
+from services.protocol import PromptTask
 from services.stream_upkeep import OutageBackoff, trim_acknowledged
-from services.streams import (
-    DEADLETTER,
-    PROMPTS,
-    ROLLOUTS,
-    SCORED,
-    TRANSIENT_ERRORS,
-    StreamSpec,
-    call_with_retries,
-    run_key,
-)
+from services.streams import TRANSIENT_ERRORS, StreamSpec, call_with_retries, run_key
 
 log = logging.getLogger(__name__)
 
-FEEDER_KEY = "feeder"
-"""Hash ``dipo:{run}:feeder`` with ``released`` (release count) and ``token`` (id of the last successful release)."""
 RELEASE_CHUNK = 256
 """Largest number of tasks appended by one script call, so one call never carries an unbounded payload."""
 DEADLETTER_SCAN = 256
@@ -141,7 +131,7 @@ class PromptFeeder:
         self.order = EpochOrder(len(items), cfg.data.seed)
         self.prompts = StreamSpec(cfg.name, PROMPTS)
         self.deadletter = StreamSpec(cfg.name, DEADLETTER)
-        self.feeder_key = run_key(cfg.name, FEEDER_KEY)
+        self.feeder_key = run_key(cfg.name, FEEDER)
         state = state or FeederState(dataset_size=len(items))
         if state.dataset_size not in (0, len(items)):
             raise ValueError(
@@ -178,14 +168,7 @@ class PromptFeeder:
         epoch, index = self.position(ordinal)
         item = self.item(ordinal)
         s = self.cfg.sampling
-        sampling = SamplingParams(
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            max_new_tokens=s.max_new_tokens,
-            stop=list(s.stop),
-            seed=None if s.seed is None else prompt_seed(s.seed, epoch, index),
-        )
+        sampling = s.record(seed=None if s.seed is None else prompt_seed(s.seed, epoch, index))
         return PromptTask(
             prompt_id=f"{item.item_id}@{epoch}",
             task_kind=item.task_kind,

@@ -20,12 +20,16 @@ import logging
 import math
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import msgpack
+import redis
+import redis.asyncio as aioredis
 import torch
 
+from learner.app import LearnerServer, Progress
 from learner.batch import AssemblerState, BatchAssembler, StepBatch, decode_samples, encode_samples
 from learner.checkpoint import (
     FullState,
@@ -39,17 +43,18 @@ from learner.data import load_items
 from learner.distributed import DistInfo, broadcast_bytes
 from learner.feeder import FeederState, PromptFeeder
 from learner.metrics import LearnerMetrics
-from learner.policy import CHECKPOINT, CHECKPOINT_VERSION, STATUS, STEP, VERSION, PolicyPublisher
+from learner.policy import PolicyPublisher
 from learner.train import Trainer
 from learner.weight_sync import WeightBroadcaster
 from services.config import RunConfig
-from services.ledger import LEDGER_FILE, LedgerWriter
+from services.contracts import LEARNER_CONSUMER, RUNNING, PolicyField, RunFolder
+from services.contracts import MetricKey as K
+from services.ledger import LedgerWriter
 from services.modeling.loading import load_model, load_tokenizer, resolve_model_path, torch_dtype
-from services.streams import StreamClient, clients_from_config
+from services.streams import clients_from_config
 
 log = logging.getLogger(__name__)
 
-CONSUMER = "learner-0"
 JOINER_POLL_S = 2.0
 """How often the learner, while it waits for a batch, looks for rollout servers that need the current weights."""
 
@@ -60,7 +65,7 @@ class RunFolderInUse(RuntimeError):
 
 def checkpoint_root(cfg: RunConfig) -> Path:
     """Where the run's checkpoints live."""
-    return cfg.resolved_run_dir / "checkpoints"
+    return RunFolder(cfg.resolved_run_dir).checkpoints
 
 
 def fsdp_choice(cfg: RunConfig, dist: DistInfo) -> bool | None:
@@ -73,6 +78,34 @@ def fsdp_choice(cfg: RunConfig, dist: DistInfo) -> bool | None:
 
 def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@dataclass
+class _Run:
+    """What rank 0's loop holds while it runs: clients, publisher, ledger, metrics, feeder, assembler, broadcaster."""
+
+    stop: asyncio.Event
+    aredis: aioredis.Redis
+    sredis: redis.Redis
+    publisher: PolicyPublisher
+    ledger: LedgerWriter
+    metrics: LearnerMetrics
+    progress: Progress
+    server: LearnerServer
+    feeder: PromptFeeder
+    feeding: asyncio.Task[None]
+    assembler: BatchAssembler
+    broadcaster: WeightBroadcaster
+    metrics_file: TextIO
+    pending_acks: list[str] = field(default_factory=list)
+    """Scored entries trained on since the last checkpoint: acknowledged once a checkpoint holds their update."""
+    started: float = field(default_factory=time.monotonic)
+    last_step_end: float = field(default_factory=time.monotonic)
+
+    def phase(self, phase: str) -> None:
+        """Tell watchers (panel, chaos runner, /health) what the learner does now."""
+        self.progress.phase = phase
+        self.publisher.publish_phase(phase)
 
 
 class Learner:
@@ -184,7 +217,27 @@ class Learner:
 
     async def run(self) -> None:
         """Rank 0's loop; returns when training is done or SIGTERM/SIGINT asked to stop (after a checkpoint)."""
-        cfg = self.cfg
+        run = await self._setup()
+        status = "done"
+        try:
+            while self.step < self.cfg.learner.steps and not run.stop.is_set():
+                if not await self._train_one_step(run):
+                    break
+            if run.pending_acks:  # stopped early (SIGTERM): what was trained on goes into a checkpoint first
+                run.publisher.publish_phase("checkpoint")
+                await self._checkpoint_and_ack(run)
+        except BaseException:
+            status = "failed"
+            raise
+        finally:
+            if self.step < self.cfg.learner.steps and status == "done":
+                status = "stopped"
+            await self._teardown(run, status)
+
+    async def _setup(self) -> _Run:
+        """Connect, restore the feeder and assembler from the checkpoint state, host the weight-sync store, start
+        feeding prompts, and publish the policy as running."""
+        cfg, lc = self.cfg, self.cfg.learner
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -192,129 +245,111 @@ class Learner:
         aredis, sredis = clients_from_config(cfg.redis)
         publisher = PolicyPublisher(sredis, cfg.name)
         self._skip_orphaned_versions(publisher)
-        ledger = LedgerWriter(cfg.resolved_run_dir / LEDGER_FILE)
+        folder = RunFolder(cfg.resolved_run_dir)
+        ledger = LedgerWriter(folder.ledger)
         ledger.start(self.step, self.version, resumed=self.latest_checkpoint is not None)
-        metrics = LearnerMetrics(cfg, self)
+        metrics, progress = LearnerMetrics(), Progress(self.step, self.version)
         feeder_state = FeederState.from_dict(self.state["feeder"]) if "feeder" in self.state else None
         restored = AssemblerState.from_dict(self.state["assembler"]) if "assembler" in self.state else AssemblerState()
         feeder = PromptFeeder(cfg, aredis, load_items(cfg.data), feeder_state)
         feeder.on_release = ledger.release
         # Drops are reported to the feeder as they happen, so their admission slots come back at once.
         assembler = BatchAssembler(
-            cfg, aredis, CONSUMER, seen_ids=restored.seen_ids, totals=restored.totals, on_settled=feeder.settle
+            cfg, aredis, LEARNER_CONSUMER, seen_ids=restored.seen_ids, totals=restored.totals, on_settled=feeder.settle
         )
-        scored = assembler.client  # acks go through the assembler's consumer
-        lc = cfg.learner
         broadcaster = WeightBroadcaster(
-            lc.weight_sync_host,
-            lc.weight_sync_port,
-            backend="nccl" if self.dist.device.type == "cuda" else "gloo",
-            timeout_s=cfg.rollout.weight_sync_timeout_s,
-            publish=publisher.publish,
+            lc.weight_sync_host, lc.weight_sync_port, backend="nccl" if self.dist.device.type == "cuda" else "gloo",
+            timeout_s=cfg.rollout.weight_sync_timeout_s, publish=publisher.publish,
             advertise_host=lc.weight_sync_advertise,
-        )
+        )  # fmt: skip
         checkpoint = self.latest_checkpoint
-        publisher.publish(
-            {
-                VERSION: self.version,
-                STEP: self.step,
-                STATUS: "running",
-                CHECKPOINT: str(checkpoint or ""),
-                CHECKPOINT_VERSION: self.version if checkpoint else -1,
-            }
-        )
-        metrics_file = (cfg.resolved_run_dir / "metrics.jsonl").open("a")
-        pending_acks: list[str] = []
+        publisher.publish({
+            PolicyField.VERSION: self.version, PolicyField.STEP: self.step, PolicyField.STATUS: RUNNING,
+            PolicyField.CHECKPOINT: str(checkpoint or ""),
+            PolicyField.CHECKPOINT_VERSION: self.version if checkpoint else -1,
+        })  # fmt: skip
         feeding = asyncio.create_task(feeder.run(lambda: self.version, stop), name="feeder")
-        started = last_step_end = time.monotonic()
-        status = "done"
-        try:
-            while self.step < cfg.learner.steps and not stop.is_set():
-                wait_start = time.monotonic()
-                publisher.publish_phase("wait")
-                batch = await self._next_batch_serving_joiners(assembler, broadcaster, metrics, stop)
-                if batch is None:
-                    break
-                wait_s = time.monotonic() - wait_start
-                publisher.publish_phase("train")
-                train = await asyncio.to_thread(self.train_step, encode_samples(batch.samples))
-                self.step += 1
-                self.version += 1
-                pending_acks += batch.entry_ids
-                used = [(g.rollout.task.prompt_id, g.oldest_version) for g in batch.used]
-                ledger.step(self.step, self.version, used, batch.dropped_ids)
-                sync = self.version % cfg.learner.sync_every == 0
-                ckpt = self.step % cfg.learner.checkpoint_every == 0 or self.step == cfg.learner.steps
-                gather_start = time.monotonic()
-                # One gather serves both the broadcast and the checkpoint (a no-copy view without FSDP).
-                full = await asyncio.to_thread(self.gather, optimizer=ckpt) if sync or ckpt else None
-                gather_s = time.monotonic() - gather_start
-                sync_s = 0.0
-                if sync and full is not None:
-                    publisher.publish_phase("sync")
-                    report = await asyncio.to_thread(broadcaster.broadcast, self._published(full), self.version)
-                    sync_s = report.seconds
-                    metrics.on_sync(report)
-                publisher.publish({VERSION: self.version, STEP: self.step})
-                ckpt_s = 0.0
-                if ckpt:
-                    publisher.publish_phase("checkpoint")
-                    ckpt_s = await self._checkpoint_and_ack(
-                        feeder, assembler, scored, pending_acks, publisher, ledger, full
-                    )
-                    pending_acks = []
-                del full  # gathered copies are a full CPU model: do not keep them through the next step
-                now = time.monotonic()
-                gen_tokens_per_s = float(batch.stats.get("gen_tokens", 0.0)) / max(1e-9, now - last_step_end)
-                last_step_end = now
-                timings = {
-                    "gen_tokens_per_s": gen_tokens_per_s,
-                    "elapsed_s": now - started,
-                    "wait_seconds": wait_s,
-                    "gather_seconds": gather_s,
-                    "sync_seconds": sync_s,
-                    "checkpoint_seconds": ckpt_s,
-                    "prompts_released": feeder.state().released,
-                }
-                line = self._metrics_line(batch, train, timings)
-                metrics.on_step(line, batch)
-                await metrics.observe_streams(aredis, cfg.name)
-                metrics_file.write(json.dumps(line) + "\n")
-                metrics_file.flush()
-                log.info(
-                    "step %d  v%d  reward %.3f  acc %.3f  loss %.4f  wait %.1fs",
-                    self.step,
-                    self.version,
-                    line.get("reward_mean") or 0.0,
-                    line.get("accuracy") or 0.0,
-                    line.get("loss") or 0.0,
-                    wait_s,
-                )
-            if pending_acks:  # stopped early (SIGTERM): what was trained on goes into a checkpoint first
-                publisher.publish_phase("checkpoint")
-                await self._checkpoint_and_ack(feeder, assembler, scored, pending_acks, publisher, ledger)
-        except BaseException:
-            status = "failed"
-            raise
-        finally:
-            stop.set()
-            feeding.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await feeding
-            if self.step < cfg.learner.steps and status == "done":
-                status = "stopped"
-            publisher.publish({STATUS: status})
-            self.stop_followers()
-            broadcaster.close()
-            metrics_file.close()
-            ledger.close()
-            metrics.close()
-            await aredis.aclose()
-            sredis.close()
+        return _Run(stop, aredis, sredis, publisher, ledger, metrics, progress, LearnerServer(cfg, metrics, progress),
+                    feeder, feeding, assembler, broadcaster, folder.metrics.open("a"))  # fmt: skip
 
-    async def _next_batch_serving_joiners(
-        self, assembler: BatchAssembler, broadcaster: WeightBroadcaster, metrics: LearnerMetrics, stop: asyncio.Event
-    ) -> StepBatch | None:
+    async def _train_one_step(self, run: _Run) -> bool:
+        """Wait for a batch, train on it, publish the new version and checkpoint when due; False when stopped."""
+        wait_start = time.monotonic()
+        run.phase("wait")
+        batch = await self._next_batch_serving_joiners(run)
+        if batch is None:
+            return False
+        wait_s = time.monotonic() - wait_start
+        run.phase("train")
+        train = await asyncio.to_thread(self.train_step, encode_samples(batch.samples))
+        self.step += 1
+        self.version += 1
+        run.pending_acks += batch.entry_ids
+        used = [(g.rollout.task.prompt_id, g.oldest_version) for g in batch.used]
+        run.ledger.step(self.step, self.version, used, batch.dropped_ids)
+        timings = await self._publish_and_checkpoint(run)
+        now = time.monotonic()
+        timings |= {
+            K.GEN_TOKENS_PER_S: float(batch.stats.get(K.GEN_TOKENS, 0.0)) / max(1e-9, now - run.last_step_end),
+            K.ELAPSED_S: now - run.started,
+            K.WAIT_SECONDS: wait_s,
+            K.PROMPTS_RELEASED: run.feeder.state().released,
+        }
+        run.last_step_end = now
+        run.progress.stepped(self.step, self.version)
+        await self._record_step(run, self._metrics_line(batch, train, timings), batch)
+        return True
+
+    async def _publish_and_checkpoint(self, run: _Run) -> dict[str, float]:
+        """Broadcast the new weights (every ``sync_every`` versions), publish the version, checkpoint when due;
+        returns the timings."""
+        lc = self.cfg.learner
+        sync = self.version % lc.sync_every == 0
+        ckpt = self.step % lc.checkpoint_every == 0 or self.step == lc.steps
+        gather_start = time.monotonic()
+        # One gather serves both the broadcast and the checkpoint (a no-copy view without FSDP).
+        full = await asyncio.to_thread(self.gather, optimizer=ckpt) if sync or ckpt else None
+        timings = {K.GATHER_SECONDS: time.monotonic() - gather_start, K.SYNC_SECONDS: 0.0, K.CHECKPOINT_SECONDS: 0.0}
+        if sync and full is not None:
+            run.phase("sync")
+            report = await asyncio.to_thread(run.broadcaster.broadcast, self._published(full), self.version)
+            timings[K.SYNC_SECONDS] = report.seconds
+            run.metrics.on_sync(report)
+        run.publisher.publish({PolicyField.VERSION: self.version, PolicyField.STEP: self.step})
+        if ckpt:
+            run.phase("checkpoint")
+            timings[K.CHECKPOINT_SECONDS] = await self._checkpoint_and_ack(run, full)
+        del full  # gathered copies are a full CPU model: do not keep them through the next step
+        return timings
+
+    async def _record_step(self, run: _Run, line: dict[str, Any], batch: StepBatch) -> None:
+        """One metrics.jsonl line, the Prometheus metrics and a log line for the step just done."""
+        run.metrics.on_step(line, batch)
+        await run.metrics.observe_streams(run.aredis, self.cfg.name)
+        run.metrics_file.write(json.dumps(line) + "\n")
+        run.metrics_file.flush()
+        log.info(
+            "step %d  v%d  reward %.3f  acc %.3f  loss %.4f  wait %.1fs", self.step, self.version,
+            line.get(K.REWARD_MEAN) or 0.0, line.get(K.ACCURACY) or 0.0, line.get(K.LOSS) or 0.0,
+            line[K.WAIT_SECONDS],
+        )  # fmt: skip
+
+    async def _teardown(self, run: _Run, status: str) -> None:
+        """Stop feeding, publish the final status, release the other ranks and close everything."""
+        run.stop.set()
+        run.feeding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run.feeding
+        run.publisher.publish({PolicyField.STATUS: status})
+        self.stop_followers()
+        run.broadcaster.close()
+        run.metrics_file.close()
+        run.ledger.close()
+        run.server.close()
+        await run.aredis.aclose()
+        run.sredis.close()
+
+    async def _next_batch_serving_joiners(self, run: _Run) -> StepBatch | None:
         """Wait for the next batch; meanwhile send the current weights to rollout servers that joined since the
         last round.
 
@@ -329,17 +364,17 @@ class Learner:
             while not done.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(done.wait(), JOINER_POLL_S)
-                if done.is_set() or not await asyncio.to_thread(broadcaster.unserved_members):
+                if done.is_set() or not await asyncio.to_thread(run.broadcaster.unserved_members):
                     continue
                 full = await asyncio.to_thread(self.gather)
-                report = await asyncio.to_thread(broadcaster.broadcast, self._published(full), self.version)
+                report = await asyncio.to_thread(run.broadcaster.broadcast, self._published(full), self.version)
                 del full
-                metrics.on_sync(report)
+                run.metrics.on_sync(report)
                 log.info("sent v%d to rollout servers that joined while the learner waited", self.version)
 
         server = asyncio.create_task(serve(), name="serve-joiners")
         try:
-            return await assembler.next_batch(self.version, stop)
+            return await run.assembler.next_batch(self.version, run.stop)
         finally:
             done.set()
             await server  # never cancelled mid-broadcast: it finishes the round it is in, then sees `done`
@@ -358,22 +393,16 @@ class Learner:
                         "continuing as v%d", self.version + 1, published, self.version, published + 1)  # fmt: skip
             self.version = published + 1
 
-    async def _checkpoint_and_ack(
-        self,
-        feeder: PromptFeeder,
-        assembler: BatchAssembler,
-        scored: StreamClient,
-        acks: list[str],
-        publisher: Any,
-        ledger: LedgerWriter,
-        full: FullState | None = None,
-    ) -> float:
+    async def _checkpoint_and_ack(self, run: _Run, full: FullState | None = None) -> float:
+        """Checkpoint, then acknowledge the scored entries that checkpoint holds; returns the seconds it took."""
         start = time.monotonic()
-        extra = {"feeder": feeder.state().to_dict(), "assembler": assembler.state().to_dict()}
-        open_ids = feeder.ledger()
+        extra = {"feeder": run.feeder.state().to_dict(), "assembler": run.assembler.state().to_dict()}
+        open_ids = run.feeder.ledger()
         path = await asyncio.to_thread(self.write_checkpoint, extra, full)
-        ledger.checkpoint(self.step, self.version, open_ids)
-        await scored.ack(acks)  # only now: the checkpoint holds these groups' update
-        publisher.publish({CHECKPOINT: str(path), CHECKPOINT_VERSION: self.version})
-        log.info("checkpoint %s (version %d), acknowledged %d scored entries", path, self.version, len(acks))
+        run.ledger.checkpoint(self.step, self.version, open_ids)
+        await run.assembler.client.ack(run.pending_acks)  # only now: the checkpoint holds these groups' update
+        run.publisher.publish({PolicyField.CHECKPOINT: str(path), PolicyField.CHECKPOINT_VERSION: self.version})
+        log.info("checkpoint %s (version %d), acknowledged %d scored entries", path, self.version,
+                 len(run.pending_acks))  # fmt: skip
+        run.pending_acks = []
         return time.monotonic() - start

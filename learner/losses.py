@@ -20,11 +20,15 @@ Off-policy correction for asynchronous rollouts (``select_old_logp``):
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
+
+from services.config import LearnerConfig
+from services.extensions import LOSSES, resolve
 
 Normalisation = Literal["token", "sequence", "constant"]
 Correction = Literal["tis", "none"]
@@ -202,6 +206,81 @@ def grpo_sequence_loss(
     lengths = mask.bool().sum(dim=1).clamp(min=1).to(token_loss.dtype)
     seq_loss_sum = (token_loss.sum(dim=1) / lengths).sum()
     return replace(terms, loss_sum=seq_loss_sum)
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """One micro-batch's tensors, as every loss takes them: [B, T] left-aligned response tokens, [B] advantages."""
+
+    logp: Tensor
+    """Log-probs of the response tokens under the current policy (with grad)."""
+    old_logp: Tensor
+    """π_old: proximal or behaviour log-probs (detached)."""
+    advantages: Tensor
+    mask: Tensor
+    """Which [B, T] positions are response tokens to train on."""
+    is_weights: Tensor | None = None
+    """Truncated importance weights π_old / π_behav (``correction="tis"``), else None."""
+    ref_logp: Tensor | None = None
+    """Frozen reference log-probs for the k3 KL term (``kl_beta > 0``), else None."""
+
+
+class Loss(ABC):
+    """A policy loss: its surrogate and the token normalisation it needs, declared together.
+
+    ``terms`` returns summed terms of one micro-batch; the train step divides every micro-batch's sum by
+    ``denominator`` of the whole step's counts (gathered over micro-batches and ranks), so gradients simply add up.
+    Implementations are named in ``services.extensions.LOSSES``.
+    """
+
+    normalisation: ClassVar[Normalisation]
+
+    def __init__(self, cfg: LearnerConfig) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def terms(self, inputs: LossInputs) -> LossTerms:
+        """The micro-batch's summed loss (with grad) and statistics."""
+
+    def denominator(self, token_count: float, sequence_count: float, max_response_len: int) -> float:
+        """The divisor of the step's summed loss."""
+        return loss_denominator(self.normalisation, token_count, sequence_count, max_response_len)
+
+
+class DapoLoss(Loss):
+    """DAPO: clip-higher surrogate, token-mean over every response token of the step (DIPO_SPEC.md §5)."""
+
+    normalisation = "token"
+
+    def terms(self, inputs: LossInputs) -> LossTerms:
+        """``dapo_token_loss`` with the configured clip ranges and KL coefficient."""
+        c, x = self.cfg, inputs
+        return dapo_token_loss(x.logp, x.old_logp, x.advantages, x.mask, c.eps_low, c.eps_high, x.is_weights,
+                               x.ref_logp, c.kl_beta)  # fmt: skip
+
+
+class GrpoLoss(Loss):
+    """GRPO: symmetric clip at ``eps_low``, per-sequence token-mean, sequence-mean over the step."""
+
+    normalisation = "sequence"
+
+    def terms(self, inputs: LossInputs) -> LossTerms:
+        """``grpo_sequence_loss`` with the configured clip range and KL coefficient."""
+        c, x = self.cfg, inputs
+        return grpo_sequence_loss(x.logp, x.old_logp, x.advantages, x.mask, c.eps_low, x.is_weights, x.ref_logp,
+                                  c.kl_beta)  # fmt: skip
+
+
+class DrGrpoLoss(DapoLoss):
+    """Dr.GRPO: DAPO's token sum divided by max response length × sequences, a constant of the step."""
+
+    normalisation = "constant"
+
+
+def build_loss(cfg: LearnerConfig) -> Loss:
+    """The configured ``learner.loss``."""
+    cls: type[Loss] = resolve(LOSSES, cfg.loss, "loss")
+    return cls(cfg)
 
 
 def truncated_is_weights(proximal_logp: Tensor, behaviour_logp: Tensor, cap: float = 2.0) -> Tensor:

@@ -1,50 +1,41 @@
-"""The learner's Prometheus metrics (``dipo_learner_*``) and its small HTTP endpoint (``/health``, ``/metrics``)."""
+"""The learner's Prometheus metrics (``dipo_learner_*``); learner/app.py serves them."""
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio as aioredis
-import uvicorn
-from fastapi import FastAPI
 from redis.exceptions import RedisError
 
 from learner.batch import StepBatch
 from learner.weight_sync import BroadcastReport
-from services.config import RunConfig
-from services.http import bind_socket
-from services.metrics import ComponentMetrics, metrics_asgi_app
+from services.contracts import CONSUMER_GROUPS
+from services.contracts import MetricKey as K
+from services.metrics import ComponentMetrics
 from services.streams import run_key
-
-if TYPE_CHECKING:
-    from learner.loop import Learner
 
 log = logging.getLogger(__name__)
 
-_STREAM_GROUPS = {"prompts": "rollout", "rollouts": "reward", "scored": "learner", "deadletter": None}
 _GAUGES = {  # metrics.jsonl key -> (metric, labels)
-    "reward_mean": ("reward_mean", {}),
-    "accuracy": ("accuracy", {}),
-    "tau": ("tau", {}),
-    "gate_open_ratio": ("gate_open_ratio", {}),
-    "entropy": ("entropy", {}),
-    "kl_behaviour": ("kl_behaviour", {}),
-    "loss": ("loss", {}),
-    "grad_norm": ("grad_norm", {}),
-    "lr": ("learning_rate", {}),
+    K.REWARD_MEAN: ("reward_mean", {}),
+    K.ACCURACY: ("accuracy", {}),
+    K.TAU: ("tau", {}),
+    K.GATE_OPEN_RATIO: ("gate_open_ratio", {}),
+    K.ENTROPY: ("entropy", {}),
+    K.KL_BEHAVIOUR: ("kl_behaviour", {}),
+    K.LOSS: ("loss", {}),
+    K.GRAD_NORM: ("grad_norm", {}),
+    K.LR: ("learning_rate", {}),
 }
 
 
 class LearnerMetrics:
-    """Every learner metric, on its own registry, served with ``/health`` on the learner's HTTP port."""
+    """Every learner metric, on its own registry."""
 
-    def __init__(self, cfg: RunConfig, learner: Learner | None = None) -> None:
+    def __init__(self) -> None:
         m = ComponentMetrics("learner")
         self.component = m
-        self.learner = learner
         self.gauges = {key: m.gauge(name, f"{key} of the last step (see docs/METRICS.md)") for key, (name, _) in
                        _GAUGES.items()}  # fmt: skip
         self.step = m.gauge("step", "Optimizer steps done.")
@@ -66,10 +57,6 @@ class LearnerMetrics:
         self.stream_pending = m.gauge("stream_pending", "Pending entries of the stream's consumer group.", ["stream"])
         self._last_dropped: dict[str, int] = {}
         self._released_seen = 0
-        self.started = time.time()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self.port = self._serve(cfg)
 
     def on_step(self, line: dict[str, Any], batch: StepBatch) -> None:
         """Update every metric from one metrics.jsonl line."""
@@ -80,8 +67,8 @@ class LearnerMetrics:
 
         for key, gauge in self.gauges.items():
             gauge.set(num(key))
-        self.step.set(line["step"])
-        self.version.set(line["version"])
+        self.step.set(line[K.STEP])
+        self.version.set(line[K.VERSION])
         for kind in ("easy", "normal", "hard"):
             self.kind_share.labels(kind).set(num(f"kind_{kind}"))
         for action in ("reward", "penalty"):
@@ -99,17 +86,17 @@ class LearnerMetrics:
             self.dropped.labels(reason).inc(max(0, total - self._last_dropped.get(reason, 0)))
             self._last_dropped[reason] = total
         self.used.inc(len(batch.used))
-        released = int(line.get("prompts_released") or 0)
+        released = int(line.get(K.PROMPTS_RELEASED) or 0)
         self.released.inc(max(0, released - self._released_seen))
         self._released_seen = released
-        self.step_seconds.observe(num("step_seconds") if line.get("step_seconds") else 0.0)
+        self.step_seconds.observe(num(K.STEP_SECONDS) if line.get(K.STEP_SECONDS) else 0.0)
         self.wait_seconds.observe(num("wait_seconds"))
-        if line.get("checkpoint_seconds"):
+        if line.get(K.CHECKPOINT_SECONDS):
             self.checkpoint_seconds.observe(num("checkpoint_seconds"))
 
     async def observe_streams(self, redis: aioredis.Redis, run: str) -> None:
         """Record each stream's length and its consumer group's pending count (best effort: a metric, not control)."""
-        for name, group in _STREAM_GROUPS.items():
+        for name, group in CONSUMER_GROUPS.items():
             key = run_key(run, name)
             try:
                 self.stream_length.labels(name).set(await redis.xlen(key))
@@ -127,32 +114,3 @@ class LearnerMetrics:
         self.sync_seconds.observe(report.seconds)
         if report.dropped:
             log.warning("weight sync v%d dropped receivers: %s", report.version, report.dropped)
-
-    def _serve(self, cfg: RunConfig) -> int:
-        app = FastAPI(title="dipo learner", version="1")
-        app.mount("/metrics", metrics_asgi_app(self.component))
-
-        @app.get("/health")
-        def health() -> dict[str, Any]:
-            """The learner is up; step and version tell whether it progresses."""
-            learner = self.learner
-            return {"ok": True, "component": "learner", "step": learner.step if learner else 0,
-                    "version": learner.version if learner else 0, "uptime_s": time.time() - self.started}  # fmt: skip
-
-        sock = bind_socket(cfg.learner.server.host, cfg.learner.server.port)
-        port = int(sock.getsockname()[1])
-        config = uvicorn.Config(app, log_level="warning", access_log=False)
-        self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the loop owns signals
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True,
-                                        name="learner-http")  # fmt: skip
-        self._thread.start()
-        log.info("learner metrics on http://%s:%d/metrics", cfg.learner.server.host, port)
-        return port
-
-    def close(self) -> None:
-        """Stop the HTTP endpoint."""
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(5)

@@ -34,23 +34,12 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from learner.batch import Sample, micro_batches
 from learner.distributed import DistInfo, all_reduce_max, all_reduce_sum
-from learner.losses import (
-    LossTerms,
-    Normalisation,
-    dapo_token_loss,
-    grpo_sequence_loss,
-    k3_kl,
-    loss_denominator,
-    score_responses,
-    select_old_logp,
-)
+from learner.losses import LossInputs, build_loss, k3_kl, score_responses, select_old_logp
 from services.config import LearnerConfig, RunConfig
+from services.contracts import MetricKey as K
 from services.modeling.loading import torch_dtype
 
 logger = logging.getLogger(__name__)
-
-NORMALISATION: dict[str, Normalisation] = {"dapo": "token", "grpo": "sequence", "drgrpo": "constant"}
-"""Loss denominator of each objective: token-mean (DAPO), sequence-mean (GRPO), L_max × sequences (Dr.GRPO)."""
 
 GRAD_BUCKET_BYTES = 32 * 1024 * 1024
 """Gradients are all-reduced in flat buckets of about this size: few collectives, bounded extra memory."""
@@ -268,6 +257,7 @@ class Trainer:
             self.params, lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay, foreach=True
         )
         self.scheduler = build_scheduler(self.optimizer, lc)
+        self.loss = build_loss(lc)
         self.steps_done = 0
         """Optimizer steps taken (skipped steps do not count)."""
 
@@ -297,7 +287,7 @@ class Trainer:
         proximal = self._score_no_grad(self.scorer, batches) if lc.correction == "tis" else [None] * len(batches)
         reference = self._score_no_grad(self.ref_model, batches) if self.ref_model is not None else None
         t1 = self._sync_time()
-        denominator = loss_denominator(NORMALISATION[lc.loss], tokens, sequences, self.cfg.sampling.max_new_tokens)
+        denominator = self.loss.denominator(tokens, sequences, self.cfg.sampling.max_new_tokens)
         self.model.train()
         for i, batch in enumerate(batches):
             if self.fsdp and len(batches) > 1:
@@ -331,16 +321,6 @@ class Trainer:
         scorer.train(was_training)
         return out
 
-    def _loss_terms(
-        self, logp: Tensor, old: Tensor, batch: MicroBatch, weights: Tensor | None, ref: Tensor | None
-    ) -> LossTerms:
-        """The configured objective's summed loss and statistics on one micro-batch."""
-        lc = self.cfg.learner
-        adv, mask = batch.advantages, batch.token_mask
-        if lc.loss == "grpo":  # GRPO clips symmetrically, at eps_low
-            return grpo_sequence_loss(logp, old, adv, mask, lc.eps_low, weights, ref, lc.kl_beta)
-        return dapo_token_loss(logp, old, adv, mask, lc.eps_low, lc.eps_high, weights, ref, lc.kl_beta)
-
     def _forward_backward(
         self,
         batch: MicroBatch,
@@ -355,7 +335,7 @@ class Trainer:
         logp, entropy = self.scorer(batch.input_ids, batch.attention_mask, batch.response_mask, batch.temperature)
         behaviour = batch.behaviour_logp.to(logp.dtype)
         old, weights = select_old_logp(lc.correction, behaviour, proximal, lc.is_cap)
-        terms = self._loss_terms(logp, old, batch, weights, ref)
+        terms = self.loss.terms(LossInputs(logp, old, batch.advantages, batch.token_mask, weights, ref))
         scale = 0.0 if batch.filler else 1.0 / denominator
         (terms.loss_sum * scale).backward()
         if batch.filler:
@@ -422,36 +402,36 @@ class Trainer:
         m = dict(zip(_MAX_FIELDS, maxes.tolist(), strict=True))
         tokens = max(s["tokens"], 1.0)
         metrics = {
-            "loss": s["loss"],
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "entropy": s["entropy_sum"] / tokens,
-            "clip_low": s["clip_low"] / tokens,
-            "clip_high": s["clip_high"] / tokens,
-            "is_weight_mean": s["is_weight_sum"] / tokens,
-            "is_weight_max": m["is_weight_max"],
-            "kl_behaviour": s["kl_behaviour_sum"] / tokens,
-            "kl_ref": s["kl_ref_sum"] / tokens,
-            "ratio_mean": s["ratio_sum"] / tokens,
-            "ratio_max": m["ratio_max"],
-            "tokens": s["tokens"],
-            "sequences": s["sequences"],
-            "step_seconds": m["step_seconds"],
-            "forward_backward_seconds": m["forward_backward_seconds"],
-            "proximal_seconds": m["proximal_seconds"],
-            "skipped": 0.0 if math.isfinite(grad_norm) else 1.0,
+            K.LOSS: s[K.LOSS],
+            K.GRAD_NORM: grad_norm,
+            K.LR: lr,
+            K.ENTROPY: s["entropy_sum"] / tokens,
+            K.CLIP_LOW: s[K.CLIP_LOW] / tokens,
+            K.CLIP_HIGH: s[K.CLIP_HIGH] / tokens,
+            K.IS_WEIGHT_MEAN: s["is_weight_sum"] / tokens,
+            K.IS_WEIGHT_MAX: m[K.IS_WEIGHT_MAX],
+            K.KL_BEHAVIOUR: s["kl_behaviour_sum"] / tokens,
+            K.KL_REF: s["kl_ref_sum"] / tokens,
+            K.RATIO_MEAN: s["ratio_sum"] / tokens,
+            K.RATIO_MAX: m[K.RATIO_MAX],
+            K.TOKENS: s[K.TOKENS],
+            K.SEQUENCES: s[K.SEQUENCES],
+            K.STEP_SECONDS: m[K.STEP_SECONDS],
+            K.FORWARD_BACKWARD_SECONDS: m[K.FORWARD_BACKWARD_SECONDS],
+            K.PROXIMAL_SECONDS: m[K.PROXIMAL_SECONDS],
+            K.SKIPPED: 0.0 if math.isfinite(grad_norm) else 1.0,
         }
         return metrics
 
     def _skipped_metrics(self, start: float) -> dict[str, float]:
         """Metrics of a step with no trainable token anywhere: nothing was computed and nothing changed."""
         metrics = dict.fromkeys(
-            ("loss", "grad_norm", "entropy", "clip_low", "clip_high", "is_weight_mean", "is_weight_max"), 0.0
+            (K.LOSS, K.GRAD_NORM, K.ENTROPY, K.CLIP_LOW, K.CLIP_HIGH, K.IS_WEIGHT_MEAN, K.IS_WEIGHT_MAX), 0.0
         )
-        metrics |= dict.fromkeys(("kl_behaviour", "kl_ref", "ratio_mean", "ratio_max", "tokens", "sequences"), 0.0)
-        metrics |= {"forward_backward_seconds": 0.0, "proximal_seconds": 0.0, "skipped": 1.0}
-        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        metrics["step_seconds"] = time.perf_counter() - start
+        metrics |= dict.fromkeys((K.KL_BEHAVIOUR, K.KL_REF, K.RATIO_MEAN, K.RATIO_MAX, K.TOKENS, K.SEQUENCES), 0.0)
+        metrics |= {K.FORWARD_BACKWARD_SECONDS: 0.0, K.PROXIMAL_SECONDS: 0.0, K.SKIPPED: 1.0}
+        metrics[K.LR] = float(self.optimizer.param_groups[0][K.LR])
+        metrics[K.STEP_SECONDS] = time.perf_counter() - start
         return metrics
 
 

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from services.contracts import PolicyField
 from services.modeling.weight_sync import (
     DEFAULT_BUCKET_BYTES,
     Group,
@@ -34,8 +35,6 @@ from services.modeling.weight_sync import (
 )
 
 logger = logging.getLogger(__name__)
-
-ENDPOINT_FIELD = "sync_endpoint"
 
 Publish = Callable[[dict[str, str]], None]
 Tamper = Callable[[int, torch.Tensor], None]
@@ -106,7 +105,7 @@ class WeightBroadcaster:
         self._round = 0
         self._slots: list[torch.Tensor] = []  # two packing buffers, kept between rounds
         if publish is not None:
-            publish({ENDPOINT_FIELD: self.endpoint})
+            publish({PolicyField.SYNC_ENDPOINT: self.endpoint})
 
     @property
     def members(self) -> list[str]:

@@ -26,10 +26,10 @@ from reward_service.verify import Verifiers
 from reward_service.worker import RewardWorker
 from services.api_models import HealthResponse, ScoreRequest, ScoreResponse
 from services.config import RunConfig
-from services.http import bearer_auth, json_body_schema, read_body
+from services.http import bearer_auth, json_body_schema, read_body, unprocessable
 from services.metrics import metrics_asgi_app
-from services.protocol import PromptTask, ProtocolError, Response, RolloutGroup, SamplingParams, ScoredGroup
-from services.streams import connect
+from services.protocol import PromptTask, ProtocolError, Response, RolloutGroup, Sampling, ScoredGroup
+from services.streams import async_client_from_config
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ _HEALTH_TASK = PromptTask(
     messages=[{"role": "user", "content": "What is 2 + 2?"}],
     ground_truth="4",
     n=2,
-    sampling=SamplingParams(max_new_tokens=16),
+    sampling=Sampling(max_new_tokens=16),
 )
 
 
@@ -65,7 +65,7 @@ def request_to_group(body: ScoreRequest) -> RolloutGroup:
             messages=[turn.model_dump() for turn in task.messages],
             ground_truth=task.ground_truth,
             n=len(body.responses),
-            sampling=SamplingParams(**task.sampling.model_dump()),
+            sampling=task.sampling.record(),
             tools=task.tools,
             category=task.category,
         ),
@@ -110,100 +110,97 @@ def scored_to_response(scored: ScoredGroup) -> ScoreResponse:
     )
 
 
+def _worker(request: Request) -> RewardWorker:
+    worker: RewardWorker = request.app.state.worker
+    return worker
+
+
+async def health(request: Request) -> JSONResponse:
+    """Score a known group end to end (verifier processes + scoring) and ping Redis."""
+    worker = _worker(request)
+    start = time.perf_counter()
+    task: asyncio.Task[None] | None = request.app.state.worker_task
+    try:
+        if task is not None and task.done():  # the stream worker ended: this replica scores nothing any more
+            error = None if task.cancelled() else task.exception()
+            raise RuntimeError(f"the stream worker stopped ({error!r})")
+        await cast(Awaitable[bool], worker.redis.ping())
+        group = _health_group()
+        results = await worker.verify_all(group)
+        scored = score_group(group, results, FitStamp(CLOSED_FIT), worker.cfg.reward, overlong_buffer=4)
+        ok = list(scored.correct) == [1, 0]
+        detail = "" if ok else f"health item scored {scored.status}"
+    except Exception as exc:  # /health reports failures instead of raising them
+        ok, detail = False, f"{type(exc).__name__}: {exc}"
+    body = HealthResponse(ok=ok, component="reward", detail=detail, seconds=time.perf_counter() - start)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+async def _group_from(request: Request, max_bytes: int) -> RolloutGroup:
+    """The group a score request carries: a JSON ScoreRequest, or the msgpack ``rollouts`` message itself."""
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type not in (*MSGPACK_TYPES, "application/json"):
+        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, f"unsupported content type {content_type}")
+    body = await read_body(request, max_bytes)
+    try:
+        if content_type in MSGPACK_TYPES:
+            return RolloutGroup.from_bytes(body, max_bytes=max_bytes)
+        return request_to_group(ScoreRequest.model_validate_json(body))
+    except (ValidationError, ProtocolError) as exc:
+        raise unprocessable(exc) from exc
+
+
+async def score(request: Request) -> ScoreResponse:
+    """Score one group synchronously: a JSON ScoreRequest, or a msgpack ``rollouts`` message."""
+    worker = _worker(request)
+    group = await _group_from(request, worker.cfg.reward.server.max_body_bytes)
+    try:
+        scored = await worker.score(group, update_window=False)
+    except ValueError as exc:
+        raise unprocessable(exc) from exc
+    return scored_to_response(scored)
+
+
+_SCORE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": json_body_schema(ScoreRequest)},
+            "application/msgpack": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
 def create_app(cfg: RunConfig, *, run_worker: bool = True) -> FastAPI:
     """Build the reward service: verifier pool + Redis client + stream worker in the lifespan, and the routes."""
     if cfg.redis.url is None:
         raise ValueError("the reward service needs redis.url (dipo run sets it; or DIPO_REDIS__URL=redis://...)")
     metrics = RewardMetrics()
-    server = cfg.reward.server
-    auth = bearer_auth(server.api_token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         verifiers = Verifiers(cfg.reward)
-        redis = connect(
-            cfg.redis.url,  # type: ignore[arg-type]
-            timeout_s=cfg.redis.socket_timeout_s,
-            password=cfg.redis.password,
-            ssl_ca_certs=cfg.redis.tls_ca_file,
-            ssl_certfile=cfg.redis.tls_cert_file,
-            ssl_keyfile=cfg.redis.tls_key_file,
-        )
+        redis = async_client_from_config(cfg.redis)
         worker = RewardWorker(cfg, redis, verifiers, metrics)
-        app.state.worker = worker
+        app.state.worker, app.state.worker_task = worker, None
         stop = asyncio.Event()
-        task: asyncio.Task[None] | None = None
-        app.state.worker_task = None
         try:
             await asyncio.to_thread(verifiers.wait_ready, 120.0)
             if run_worker:
-                task = asyncio.create_task(worker.run(stop), name="reward-worker")
-                app.state.worker_task = task
+                app.state.worker_task = asyncio.create_task(worker.run(stop), name="reward-worker")
             yield
         finally:
             stop.set()
-            if task is not None:
+            if app.state.worker_task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait_for(task, cfg.streams.block_ms / 1000 + 30)
+                    await asyncio.wait_for(app.state.worker_task, cfg.streams.block_ms / 1000 + 30)
             verifiers.close()
             await redis.aclose()
 
     app = FastAPI(title="dipo reward service", version="1", lifespan=lifespan)
     app.mount("/metrics", metrics_asgi_app(metrics.component))
-
-    @app.get("/health", response_model=HealthResponse)
-    async def health(request: Request) -> JSONResponse:
-        """Score a known group end to end (verifier processes + scoring) and ping Redis."""
-        worker: RewardWorker = request.app.state.worker
-        start = time.perf_counter()
-        task: asyncio.Task[None] | None = request.app.state.worker_task
-        try:
-            if task is not None and task.done():  # the stream worker ended: this replica scores nothing any more
-                error = None if task.cancelled() else task.exception()
-                raise RuntimeError(f"the stream worker stopped ({error!r})")
-            await cast(Awaitable[bool], worker.redis.ping())
-            group = _health_group()
-            results = await worker.verify_all(group)
-            scored = score_group(group, results, FitStamp(CLOSED_FIT), cfg.reward, overlong_buffer=4)
-            ok = list(scored.correct) == [1, 0]
-            detail = "" if ok else f"health item scored {scored.status}"
-        except Exception as exc:  # /health reports failures instead of raising them
-            ok, detail = False, f"{type(exc).__name__}: {exc}"
-        body = HealthResponse(ok=ok, component="reward", detail=detail, seconds=time.perf_counter() - start)
-        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
-
-    @app.post(
-        "/v1/score",
-        response_model=ScoreResponse,
-        dependencies=[Depends(auth)],
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": json_body_schema(ScoreRequest)},
-                    "application/msgpack": {"schema": {"type": "string", "format": "binary"}},
-                },
-            }
-        },
-    )
-    async def score(request: Request) -> ScoreResponse:
-        """Score one group synchronously: a JSON ScoreRequest, or a msgpack ``rollouts`` message."""
-        body = await read_body(request, server.max_body_bytes)
-        worker: RewardWorker = request.app.state.worker
-        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        try:
-            if content_type in MSGPACK_TYPES:
-                group = RolloutGroup.from_bytes(body, max_bytes=server.max_body_bytes)
-            elif content_type == "application/json":
-                group = request_to_group(ScoreRequest.model_validate_json(body))
-            else:
-                raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, f"unsupported content type {content_type}")
-        except (ValidationError, ProtocolError) as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)[:2000]) from exc
-        try:
-            scored = await worker.score(group, update_window=False)
-        except ValueError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)[:2000]) from exc
-        return scored_to_response(scored)
-
+    app.add_api_route("/health", health, methods=["GET"], response_model=HealthResponse)
+    app.add_api_route("/v1/score", score, methods=["POST"], response_model=ScoreResponse, openapi_extra=_SCORE_BODY,
+                      dependencies=[Depends(bearer_auth(cfg.reward.server.api_token))])  # fmt: skip
     return app

@@ -1,70 +1,73 @@
-"""Dispatch a response to the verifier of its task kind, asynchronously, with the service's time bound."""
+"""The verifiers of one reward replica (or one evaluation), one per task kind, behind one time-bounded call.
+
+The reward worker, ``POST /v1/score`` and ``dipo eval`` all verify through :class:`Verifiers`, so a response gets
+the same status, score and time bound wherever it is checked.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from typing import Any
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future
 
-from reward_service.verifiers.base import Status, VerifyResult
-from reward_service.verifiers.function_call import verify_function_call
-from reward_service.verifiers.math import MathVerifier, MathVerifyOptions
+from reward_service.verifiers import verifier_class
+from reward_service.verifiers.base import Question, Verifier, VerifyResult
 from services.config import RewardConfig
-from services.protocol import PromptTask
+from services.extensions import TASK_KINDS
 
 log = logging.getLogger(__name__)
 
 
 class Verifiers:
-    """The verifier pool of one reward replica.
+    """One verifier per task kind, built on first use (``kinds`` are started at once, e.g. to warm math workers)."""
 
-    Math runs in :class:`MathVerifier`'s process pool with a hard per-item timeout (stuck workers are killed and
-    replaced). Function calls are parsed with ``ast`` under strict size and depth caps, so they are bounded by
-    construction and run on a worker thread; the same timeout still turns an overrun into ``timeout``.
-    """
-
-    def __init__(self, cfg: RewardConfig, *, start_method: str = "forkserver") -> None:
+    def __init__(self, cfg: RewardConfig, kinds: Iterable[str] = TASK_KINDS) -> None:
         self.cfg = cfg
-        options = MathVerifyOptions(fallbacks=tuple(cfg.math_fallbacks), timeout_s=cfg.verify_timeout_s)
-        self.math = MathVerifier(options, num_workers=cfg.verifier_workers, start_method=start_method)  # type: ignore[arg-type]
+        self._lock = threading.Lock()
+        self._verifiers: dict[str, Verifier] = {}
+        for kind in kinds:
+            self.get(kind)
+
+    def get(self, task_kind: str) -> Verifier:
+        """The verifier of ``task_kind`` (ValueError for a kind no verifier is registered for)."""
+        with self._lock:
+            verifier = self._verifiers.get(task_kind)
+            if verifier is None:
+                verifier = self._verifiers[task_kind] = verifier_class(task_kind).from_config(self.cfg)
+            return verifier
 
     def wait_ready(self, timeout_s: float = 120.0) -> bool:
-        """Block until every verifier worker has warmed up."""
-        return self.math.wait_ready(timeout_s)
+        """Block until every started verifier's workers have warmed up."""
+        with self._lock:
+            started = list(self._verifiers.values())
+        return all(v.wait_ready(timeout_s) for v in started)
 
-    async def verify(self, task: PromptTask, response: str) -> VerifyResult:
-        """Verify one response of ``task``; never raises for a bad response, only for a bad task."""
-        if task.task_kind == "math":
-            if not isinstance(task.ground_truth, str):
-                raise ValueError(f"math task {task.prompt_id} needs a string ground truth")
-            return await self.math.averify(response, task.ground_truth, self.cfg.verify_timeout_s)
-        if task.task_kind == "function_call":
-            return await self._verify_call(task, response)
-        raise ValueError(f"no verifier for task kind {task.task_kind!r}")
+    @property
+    def worker_restarts(self) -> int:
+        """Verifier worker processes replaced so far, over every task kind."""
+        with self._lock:
+            return sum(v.worker_restarts for v in self._verifiers.values())
 
-    async def _verify_call(self, task: PromptTask, response: str) -> VerifyResult:
-        truth: Any = task.ground_truth
-        if isinstance(truth, str):
-            truth = json.loads(truth) if truth else []
-        if not isinstance(truth, list):
-            raise ValueError(f"function-call task {task.prompt_id} needs a list ground truth")
-        call = asyncio.to_thread(
-            verify_function_call,
-            response,
-            list(task.tools),
-            truth,
-            task.category or "simple_python",
-            partial_credit=self.cfg.function_call_partial_credit,
-        )
-        try:
-            return await asyncio.wait_for(call, self.cfg.verify_timeout_s)
-        except TimeoutError:
-            return VerifyResult(Status.TIMEOUT, 0.0, None, "function-call check exceeded its time bound")
-        except Exception as exc:  # a verifier bug must not take the replica down; counted as `error`
-            log.exception("function-call verifier failed on %s", task.prompt_id)
-            return VerifyResult(Status.ERROR, 0.0, None, f"{type(exc).__name__}: {exc}")
+    @staticmethod
+    def validate(question: Question) -> None:
+        """Raise ValueError when no verifier can check ``question`` (an unknown kind, a malformed ground truth)."""
+        verifier_class(question.task_kind).validate_question(question)
+
+    def submit(self, question: Question, response: str) -> Future[VerifyResult]:
+        """Start one verification; the future resolves within the configured time bound."""
+        return self.get(question.task_kind).check(response, question, self.cfg.verify_timeout_s)
+
+    async def verify(self, question: Question, response: str) -> VerifyResult:
+        """Verify one response; never raises for a bad response, only (ValueError) for a bad question."""
+        # On a worker thread: a full verifier queue blocks there, never the event loop.
+        future = await asyncio.to_thread(self.submit, question, response)
+        return await asyncio.wrap_future(future)
 
     def close(self) -> None:
-        """Stop the verifier processes."""
-        self.math.close()
+        """Stop every verifier."""
+        with self._lock:
+            verifiers, self._verifiers = list(self._verifiers.values()), {}
+        for verifier in verifiers:
+            verifier.close()

@@ -12,8 +12,6 @@ import asyncio
 import collections
 import logging
 import math
-import os
-import socket
 import time
 
 import numpy as np
@@ -25,26 +23,14 @@ from reward_service.verifiers.base import VerifyResult
 from reward_service.verify import Verifiers
 from reward_service.window import PplWindow
 from services.config import RunConfig
+from services.contracts import REWARD_GROUP, ROLLOUTS, SCORED, consumer_name
 from services.protocol import RolloutGroup, ScoredGroup
 from services.stream_upkeep import consume
-from services.streams import (
-    DATA_FIELD,
-    ROLLOUTS,
-    SCORED,
-    Entry,
-    StreamClient,
-    StreamSpec,
-)
+from services.streams import DATA_FIELD, Entry, StreamClient, StreamSpec
 
 log = logging.getLogger(__name__)
 
-GROUP = "reward"
 _FAILURE_WINDOW = 1000  # verifications the failure rate is measured over
-
-
-def default_consumer_name(prefix: str = "reward") -> str:
-    """A consumer name unique to this process: host and pid."""
-    return f"{prefix}-{socket.gethostname()}-{os.getpid()}"
 
 
 class RewardWorker:
@@ -62,8 +48,8 @@ class RewardWorker:
         self.redis = redis
         self.verifiers = verifiers
         self.metrics = metrics or RewardMetrics()
-        self.consumer = consumer or default_consumer_name()
-        self.rollouts = StreamClient.from_config(redis, cfg, ROLLOUTS, GROUP, self.consumer)
+        self.consumer = consumer or consumer_name("reward")
+        self.rollouts = StreamClient.from_config(redis, cfg, ROLLOUTS, REWARD_GROUP, self.consumer)
         self.scored_spec = StreamSpec(cfg.name, SCORED)
         self._windows: dict[str, PplWindow] = {}
         self._recent_failures: collections.deque[bool] = collections.deque(maxlen=_FAILURE_WINDOW)
@@ -134,7 +120,7 @@ class RewardWorker:
                 m.ppl.labels("1" if c else "0").observe(float(p))
         rate = sum(self._recent_failures) / max(1, len(self._recent_failures))
         m.failure_rate.set(rate)
-        m.worker_restarts.set(self.verifiers.math.worker_restarts)
+        m.worker_restarts.set(self.verifiers.worker_restarts)
         if rate > self.cfg.reward.failure_warn_rate and time.monotonic() - self._warned_at > 60:
             self._warned_at = time.monotonic()
             log.warning(

@@ -9,35 +9,18 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.api_models import API_VERSION, ChatTurn
+from services.api_models import API_VERSION, ChatTurn, SamplingBody
 
 MAX_N = 64
 MAX_NEW_TOKENS = 4096
 MAX_TOTAL_TOKENS = 65_536  # n x max_new_tokens of one request
 MAX_PROMPT_CHARS = 1_000_000
 
+WorkerState = Literal["running", "disabled", "stopped", "failed"]
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class GenerateSampling(_Body):
-    """Sampling parameters of an ad-hoc request (temperature 0 = greedy; see docs/SAMPLING.md)."""
-
-    temperature: float = Field(1.0, ge=0, le=10)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(-1, ge=-1, le=1_000_000)
-    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
-    stop: list[str] = Field(default_factory=list, max_length=16)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        if self.top_k == 0:
-            raise ValueError("top_k must be -1 (off) or >= 1")
-        if any(not s or len(s) > 256 for s in self.stop):
-            raise ValueError("stop strings must have 1 to 256 characters")
-        return self
 
 
 class GenerateRequest(_Body):
@@ -57,12 +40,14 @@ class GenerateRequest(_Body):
     messages: list[ChatTurn] | None = Field(None, min_length=1, max_length=256)
     prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
     n: int = Field(1, ge=1, le=MAX_N)
-    sampling: GenerateSampling = Field(default_factory=GenerateSampling)
+    sampling: SamplingBody = Field(default_factory=SamplingBody)
 
     @model_validator(mode="after")
     def _check(self) -> Self:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of `messages` (chat turns) or `prompt` (already rendered text)")
+        if self.sampling.max_new_tokens > MAX_NEW_TOKENS:
+            raise ValueError(f"sampling.max_new_tokens must be at most {MAX_NEW_TOKENS} for ad-hoc generation")
         if self.n * self.sampling.max_new_tokens > MAX_TOTAL_TOKENS:
             raise ValueError(f"n x max_new_tokens must be at most {MAX_TOTAL_TOKENS}")
         return self
@@ -114,4 +99,4 @@ class RolloutHealth(_Body):
     detail: str = ""
     seconds: float = 0.0
     version: int = 0
-    worker: Literal["running", "disabled", "stopped", "failed"] = "disabled"
+    worker: WorkerState = "disabled"

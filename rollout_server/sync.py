@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -27,53 +26,15 @@ from rollout_server.backends.base import Backend
 from rollout_server.metrics import RolloutMetrics
 from rollout_server.weight_receiver import WeightReceiver
 from services.config import RunConfig
+from services.contracts import POLICY, ROLLOUT_VERSIONS, RUNNING, PolicyView
 from services.modeling.loading import torch_dtype
 from services.modeling.weight_sync import ChecksumMismatch, Expected, ManifestRejected, ResyncNeeded
-from services.streams import POLICY, run_key
+from services.streams import run_key
 
 log = logging.getLogger(__name__)
 
-# Field names of the learner's policy hash. learner/policy.py owns them; the rollout server may not import the
-# learner (imports flow one way), so the names are repeated here and must change together with that module.
-POLICY_VERSION = "version"
-POLICY_CHECKPOINT = "checkpoint"
-POLICY_CHECKPOINT_VERSION = "checkpoint_version"
-POLICY_STATUS = "status"
-POLICY_SYNC_ENDPOINT = "sync_endpoint"
-RUNNING = "running"
-
-ROLLOUT_VERSIONS = "rollout_versions"
-"""Hash ``dipo:{run}:rollout_versions``: consumer name -> the policy version that rollout server generates with."""
-
 VersionListener = Callable[[int], None]
 _MAX_RETRY_S = 30.0  # longest pause between failed sync steps (e.g. a learner store that stopped answering)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-@dataclass(frozen=True)
-class PolicyView:
-    """What a rollout server reads from the learner's policy hash."""
-
-    version: int
-    checkpoint: str | None
-    checkpoint_version: int
-    status: str
-    sync_endpoint: str | None
-
-    @classmethod
-    def from_hash(cls, raw: Mapping[bytes | str, bytes | str]) -> PolicyView:
-        """Parse HGETALL output; missing fields take the learner's initial values."""
-        data = {_text(k): _text(v) for k, v in raw.items()}
-        return cls(
-            version=int(data.get(POLICY_VERSION) or 0),
-            checkpoint=data.get(POLICY_CHECKPOINT) or None,
-            checkpoint_version=int(data.get(POLICY_CHECKPOINT_VERSION) or -1),
-            status=data.get(POLICY_STATUS) or "starting",
-            sync_endpoint=data.get(POLICY_SYNC_ENDPOINT) or None,
-        )
 
 
 def read_policy(client: redis.Redis, run: str) -> PolicyView:
@@ -208,7 +169,7 @@ class WeightSync:
         self.metrics = metrics
         self.poll_s = poll_s
         self.versions_key = run_key(cfg.name, ROLLOUT_VERSIONS)
-        on_gpu = cfg.rollout.device.startswith("cuda") or cfg.rollout.backend == "vllm"
+        on_gpu = cfg.rollout.device.startswith("cuda") or type(weights.backend).uses_gpu
         self.comm_backend = "nccl" if on_gpu and torch.cuda.is_available() else "gloo"
         self.expected = weights.expected(torch_dtype(cfg.model.dtype))
         self._receiver: WeightReceiver | None = None

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,54 +22,20 @@ from typing import TypeVar
 import numpy as np
 import redis.asyncio as aioredis
 
-from rollout_server.backends.base import Backend, PromptGroup, Sampling
+from rollout_server.backends.base import Backend, PromptGroup
 from rollout_server.metrics import RolloutMetrics
-from rollout_server.sync import POLICY_VERSION, PolicyWeights
+from rollout_server.sync import PolicyWeights
 from services.config import RunConfig
-from services.protocol import PromptTask, ProtocolError, Response, RolloutGroup, SamplingParams
+from services.contracts import POLICY, PROMPTS, ROLLOUT_GROUP, ROLLOUTS, PolicyField, consumer_name
+from services.protocol import PromptTask, ProtocolError, Response, RolloutGroup, Sampling
 from services.stream_upkeep import consume
-from services.streams import (
-    DATA_FIELD,
-    POLICY,
-    PROMPTS,
-    ROLLOUTS,
-    Entry,
-    RecentIds,
-    StreamClient,
-    StreamSpec,
-    call_with_retries,
-    run_key,
-)
+from services.streams import DATA_FIELD, Entry, RecentIds, StreamClient, StreamSpec, call_with_retries, run_key
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-GROUP = "rollout"
 MAX_GROUP_SIZE = 1024
 """Largest ``n`` a task may ask for (``sampling.n``'s own cap): a bigger one is refused, never allocated."""
-SamplingKey = tuple[int, float, float, int, int, tuple[str, ...], int | None]
-
-
-def default_consumer_name(prefix: str = "rollout") -> str:
-    """A consumer name unique to this process: host and pid."""
-    return f"{prefix}-{socket.gethostname()}-{os.getpid()}"
-
-
-def to_sampling(params: SamplingParams) -> Sampling:
-    """The backend's sampling parameters for a stream message's."""
-    return Sampling(
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        max_new_tokens=params.max_new_tokens,
-        stop=list(params.stop),
-        seed=params.seed,
-    )
-
-
-def _sampling_key(task: PromptTask) -> SamplingKey:
-    s = task.sampling
-    return (task.n, s.temperature, s.top_p, s.top_k, s.max_new_tokens, tuple(s.stop), s.seed)
 
 
 async def run_in_daemon_thread(fn: Callable[[], T]) -> T:
@@ -131,9 +95,9 @@ class RolloutWorker:
         self.backend = backend
         self.redis = redis
         self.metrics = metrics or RolloutMetrics()
-        self.consumer = consumer or default_consumer_name()
+        self.consumer = consumer or consumer_name("rollout")
         self.weights = weights or PolicyWeights(backend)
-        self.prompts = StreamClient.from_config(redis, cfg, PROMPTS, GROUP, self.consumer)
+        self.prompts = StreamClient.from_config(redis, cfg, PROMPTS, ROLLOUT_GROUP, self.consumer)
         self.rollouts_spec = StreamSpec(cfg.name, ROLLOUTS)
         self.policy_key = run_key(cfg.name, POLICY)
         self._done = RecentIds()  # (prompt_id, dispatch_version) answered here: drop at-least-once duplicates
@@ -145,12 +109,12 @@ class RolloutWorker:
         """Generate every task's group while holding the weights, one backend call per distinct sampling setup."""
         groups: list[RolloutGroup | None] = [None] * len(tasks)
         errors: list[str | None] = [None] * len(tasks)
-        by_key: dict[SamplingKey, list[int]] = {}
+        by_key: dict[tuple[int, Sampling], list[int]] = {}
         for i, task in enumerate(tasks):
             if task.n > MAX_GROUP_SIZE:  # decodes fine, but the backend would allocate n rows of KV cache
                 errors[i] = f"generation refused the task: n={task.n} exceeds the largest group ({MAX_GROUP_SIZE})"
                 continue
-            by_key.setdefault(_sampling_key(task), []).append(i)
+            by_key.setdefault((task.n, task.sampling), []).append(i)
         start = time.perf_counter()
         with self.weights.batch() as version:
             for indices in by_key.values():
@@ -171,8 +135,7 @@ class RolloutWorker:
         first = tasks[indices[0]]
         start = time.perf_counter()
         try:
-            sampling = to_sampling(first.sampling)  # raises ValueError for what the wire allows but no backend does
-            outputs = self.backend.generate([tasks[i].messages for i in indices], first.n, sampling)
+            outputs = self.backend.generate([tasks[i].messages for i in indices], first.n, first.sampling)
         except ValueError as exc:
             if len(indices) == 1:
                 errors[indices[0]] = f"generation refused the task: {exc}"
@@ -285,7 +248,7 @@ class RolloutWorker:
         rc = self.cfg.redis
         raw = await call_with_retries(
             f"HGET {self.policy_key}",
-            lambda: self.redis.hget(self.policy_key, POLICY_VERSION),
+            lambda: self.redis.hget(self.policy_key, PolicyField.VERSION),
             timeout_s=rc.socket_timeout_s,
             retries=rc.retries,
             backoff_base_s=rc.backoff_base_s,

@@ -7,13 +7,18 @@ service allocate without limit. ``POST /v1/score`` also accepts the ``rollouts``
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.extensions import TaskKind
+from services.protocol import Sampling
 
 API_VERSION = 1
 MAX_RESPONSES = 1024
 MAX_TOKENS = 262_144
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 
 class _Body(BaseModel):
@@ -28,21 +33,36 @@ class ChatTurn(_Body):
 
 
 class SamplingBody(_Body):
-    """Sampling parameters (same meaning as the stream's SamplingParams)."""
+    """Sampling parameters in a JSON body: the HTTP edge of the one sampling record, ``services.protocol.Sampling``.
 
-    temperature: float = Field(1.0, gt=0, le=10)
+    The defaults are the record's; temperature 0 means greedy (ad-hoc generation; a training task needs > 0).
+    """
+
+    temperature: float = Field(1.0, ge=0, le=10)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(-1, ge=-1)
+    top_k: int = Field(-1, ge=-1, le=1_000_000)
     max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
-    stop: list[str] = Field(default_factory=list, max_length=32)
-    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.top_k == 0:
+            raise ValueError("top_k must be -1 (off) or >= 1")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"stop strings must have 1 to {MAX_STOP_CHARS} characters")
+        return self
+
+    def record(self) -> Sampling:
+        """The sampling record this body describes."""
+        return Sampling(**self.model_dump())
 
 
 class TaskBody(_Body):
     """The prompt a group answers, with what the verifier needs."""
 
     prompt_id: str = Field("adhoc", min_length=1, max_length=256)
-    task_kind: Literal["math", "function_call"]
+    task_kind: TaskKind
     messages: list[ChatTurn] = Field(min_length=1, max_length=256)
     ground_truth: str | list[Any] | dict[str, Any]
     tools: list[dict[str, Any]] = Field(default_factory=list, max_length=256)

@@ -18,6 +18,10 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.contracts import RunFolder
+from services.extensions import BackendKind, LossName, TaskKind
+from services.protocol import Sampling
+
 ENV_PREFIX = "DIPO_"
 MathFallback = Literal["answer_line", "hashes"]
 ENV_DELIMITER = "__"
@@ -108,6 +112,11 @@ class SamplingConfig(_Section):
     stop: list[str] = Field(default_factory=list, description="Stop strings that end a response.")
     seed: int | None = Field(None, description="Base sampling seed; None samples non-deterministically.")
 
+    def record(self, seed: int | None = None) -> Sampling:
+        """The sampling record of one prompt task, with that prompt's own ``seed`` (the base seed is not one)."""
+        return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                        max_new_tokens=self.max_new_tokens, stop=tuple(self.stop), seed=seed)  # fmt: skip
+
 
 class DataConfig(_Section):
     """Where prompts come from."""
@@ -115,7 +124,9 @@ class DataConfig(_Section):
     source: Literal["reasoning_gym", "bfcl", "jsonl", "parquet"] = Field(
         "reasoning_gym", description="Prompt source: a reasoning-gym generator, BFCL v4 items, or a file."
     )
-    task_kind: Literal["math", "function_call"] = Field("math", description="Verifier that scores the prompts.")
+    task_kind: TaskKind = Field(
+        "math", description="Verifier that scores the prompts (services/extensions.py lists them)."
+    )
     dataset: str = Field(
         "chain_sum",
         description="reasoning-gym generator name, comma-separated BFCL categories, or unused for files.",
@@ -159,7 +170,7 @@ def _check_gpu_list(section: str, gpus: Sequence[int], device: str) -> None:
 class RolloutConfig(_Section):
     """Rollout servers: stateless sampling workers."""
 
-    backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers (CPU/CUDA); vllm: vLLM engine.")
+    backend: BackendKind = Field("hf", description="hf: transformers (CPU/CUDA); vllm: vLLM engine.")
     device: str = Field(
         "cpu",
         description="torch device of the hf backend (cpu, cuda, cuda:1); cuda also tells `dipo run` to pin each "
@@ -248,7 +259,7 @@ class LearnerConfig(_Section):
         description="DAPO dynamic sampling: drop groups without signal (off: train on every group, GRPO-style).",
     )
     max_staleness: int = Field(4, ge=0, le=1000, description="eta: groups older than v - eta are dropped.")
-    loss: Literal["dapo", "grpo", "drgrpo"] = Field("dapo", description="Policy loss (DAPO token-mean by default).")
+    loss: LossName = Field("dapo", description="Policy loss (DAPO token-mean by default; services/extensions.py).")
     alpha: float = Field(0.1, ge=0, description="Weight of the reallocated-reward advantage; 0 = plain DAPO.")
     std_ddof: int = Field(1, ge=0, le=1, description="ddof of the group standard deviation.")
     norm_by_std: bool = Field(True, description="Divide advantages by the group std (False: Dr.GRPO centring).")
@@ -290,6 +301,12 @@ class LearnerConfig(_Section):
     )
     dist_timeout_s: float = Field(600.0, gt=0, description="Timeout of every collective among the learner's ranks.")
     seed: int = Field(0, description="Seed of the learner's torch RNG (the prompt order follows data.seed).")
+    health_stall_s: float = Field(
+        1800.0,
+        gt=0,
+        description="The learner's /health fails (503) once no optimizer step has finished for this long (from "
+        "the start until the first step): a liveness probe then restarts a learner that hangs.",
+    )
     server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoint of the learner (metrics).")
 
     @model_validator(mode="after")
@@ -322,6 +339,11 @@ class RunConfig(_Section):
             raise ValueError(f"data.source={self.data.source} needs data.path: set it to the file to read")
         if self.data.source == "bfcl" and self.data.task_kind != "function_call":
             raise ValueError("data.source=bfcl needs data.task_kind=function_call")
+        if self.data.source == "reasoning_gym" and self.data.task_kind not in ("math", "exact"):
+            raise ValueError(
+                "data.source=reasoning_gym needs data.task_kind=math (numeric and symbolic answers) or exact "
+                "(answers compared as text)"
+            )
         buffer = self.reward.overlong.buffer
         if buffer is not None and buffer >= self.sampling.max_new_tokens:
             raise ValueError("reward.overlong.buffer must be smaller than sampling.max_new_tokens")
@@ -474,7 +496,7 @@ def write_resolved_config(cfg: RunConfig, run_dir: Path | None = None) -> Path:
     """Write the resolved config to `<run_dir>/config.yaml` atomically and return its path."""
     folder = run_dir or cfg.resolved_run_dir
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "config.yaml"
+    target = RunFolder(folder).config
     tmp = target.with_suffix(".yaml.tmp")
     tmp.write_text(dump_config(cfg))
     tmp.replace(target)

@@ -7,12 +7,14 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import HTTPException, Request, status
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 BodyReader = Callable[[Request], Awaitable[bytes]]
+ModelT = TypeVar("ModelT", bound=BaseModel)
+_MAX_ERROR_CHARS = 2000
 
 
 def json_body_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -75,6 +77,26 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"body over {max_bytes} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_model(request: Request, model: type[ModelT], max_bytes: int) -> ModelT:
+    """The request's JSON body as ``model``: 413 over ``max_bytes``, 422 with pydantic's reasons when invalid."""
+    raw = await read_body(request, max_bytes)
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)[:_MAX_ERROR_CHARS]) from exc
+
+
+def unprocessable(exc: Exception) -> HTTPException:
+    """A 422 whose detail is ``exc``'s message (bounded), for input the route could parse but not serve."""
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)[:_MAX_ERROR_CHARS])
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` of a route that reads its JSON body itself (to cap its size), so clients and fuzzers see
+    the body's schema."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": json_body_schema(model)}}}}
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from services.contracts import PROMPTS, ROLLOUTS, SCORED
 from services.protocol import DeadLetter, PromptTask, ProtocolError, RolloutGroup, ScoredGroup
-from services.streams import DATA_FIELD, PROMPTS, ROLLOUTS, SCORED
-
-LEDGER_FILE = "ledger.jsonl"
+from services.streams import DATA_FIELD
 
 _DECODERS: dict[str, Callable[[bytes], PromptTask | RolloutGroup | ScoredGroup]] = {
     PROMPTS: PromptTask.from_bytes,
@@ -207,6 +206,28 @@ class LedgerCheck:
         }
 
 
+def _walk_steps(committed: Sequence[StepRecord], problems: list[str]) -> tuple[Counter[str], dict[str, set[str]], bool]:
+    """How often each prompt was used, which were dropped by reason, and whether versions only increased."""
+    uses: Counter[str] = Counter()
+    dropped: dict[str, set[str]] = {}
+    versions_increase = True
+    previous_version = -1
+    for record in committed:
+        if record.version <= previous_version:
+            versions_increase = False
+            problems.append(f"step {record.step}: version {record.version} after version {previous_version}")
+        previous_version = record.version
+        for prompt_id, behaviour in record.used:
+            uses[prompt_id] += 1
+            if behaviour >= record.version:
+                problems.append(
+                    f"step {record.step} (v{record.version}) trained on {prompt_id} from the future v{behaviour}"
+                )
+        for reason, ids in record.dropped.items():
+            dropped.setdefault(reason, set()).update(ids)
+    return uses, dropped, versions_increase
+
+
 def check_ledger(
     ledger: Ledger, *, dead_lettered: Iterable[str] = (), in_streams: Iterable[str] = (), allow_lost: bool = False
 ) -> LedgerCheck:
@@ -225,23 +246,7 @@ def check_ledger(
     missing = sorted(set(range(1, final + 1)) - {r.step for r in committed})
     if missing:
         problems.append(f"steps without a ledger record: {missing[:20]}")
-    uses: Counter[str] = Counter()
-    dropped: dict[str, set[str]] = {}
-    versions_increase = True
-    previous_version = -1
-    for record in committed:
-        if record.version <= previous_version:
-            versions_increase = False
-            problems.append(f"step {record.step}: version {record.version} after version {previous_version}")
-        previous_version = record.version
-        for prompt_id, behaviour in record.used:
-            uses[prompt_id] += 1
-            if behaviour >= record.version:
-                problems.append(
-                    f"step {record.step} (v{record.version}) trained on {prompt_id} from the future v{behaviour}"
-                )
-        for reason, ids in record.dropped.items():
-            dropped.setdefault(reason, set()).update(ids)
+    uses, dropped, versions_increase = _walk_steps(committed, problems)
     used = set(uses)
     doubled_ids = sorted(p for p, n in uses.items() if n > 1)
     if doubled_ids:

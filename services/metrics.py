@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
 from prometheus_client.registry import Collector
 
-__all__ = ["ComponentMetrics", "metrics_asgi_app", "serve_metrics"]
+__all__ = ["ComponentMetrics", "metrics_asgi_app"]
 
 
 class ComponentMetrics:
@@ -50,9 +50,3 @@ class ComponentMetrics:
 def metrics_asgi_app(metrics: ComponentMetrics):  # noqa: ANN201 - prometheus' ASGI app type is untyped
     """An ASGI app serving the component's registry; mount it at ``/metrics``."""
     return make_asgi_app(registry=metrics.registry)
-
-
-def serve_metrics(metrics: ComponentMetrics, host: str, port: int) -> int:
-    """Serve ``/metrics`` on a background thread (for processes without an HTTP app); returns the port."""
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
-    return int(server.server_port)

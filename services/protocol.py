@@ -8,11 +8,14 @@ malformed input raises :class:`ProtocolError` and nothing else, so a consumer ca
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, NoReturn, Self, TypeAlias
 
 import msgpack
 import numpy as np
+
+from services.extensions import TASK_KINDS
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
@@ -20,7 +23,6 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 MAX_JSON_DEPTH = 32
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
-TASK_KINDS = frozenset({"math", "function_call"})
 FINISH_REASONS = frozenset({"stop", "length", "abort"})
 GROUP_KINDS = frozenset({"easy", "normal", "hard"})
 ACTIONS = frozenset({"none", "reward", "penalty"})
@@ -50,7 +52,7 @@ def _check_str(value: object, where: str, *, non_empty: bool = False) -> None:
         _fail(where, "must not be empty")
 
 
-def _check_choice(value: object, choices: frozenset[str], where: str) -> None:
+def _check_choice(value: object, choices: Collection[str], where: str) -> None:
     _check_str(value, where)
     if value not in choices:
         _fail(where, f"{value!r} is not one of {sorted(choices)}")
@@ -282,9 +284,14 @@ class _Message:
         return msg
 
 
-@dataclass(slots=True)
-class SamplingParams(_Message):
-    """How a rollout server samples the responses of one prompt."""
+@dataclass(frozen=True, slots=True)
+class Sampling(_Message):
+    """How the responses of one prompt are sampled: THE sampling record (docs/SAMPLING.md).
+
+    The config, the HTTP bodies and the stream all convert to this one type, and backends take it as it is. Unlike
+    the other messages it checks itself when built, since backends and evaluation build it directly.
+    ``temperature == 0`` means greedy decoding (evaluation, ad-hoc generation); training tasks need > 0.
+    """
 
     TAG: ClassVar[str] = "sampling"
     FLOATS = frozenset({"temperature", "top_p"})
@@ -292,23 +299,32 @@ class SamplingParams(_Message):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
-    max_new_tokens: int = 256
-    stop: list[str] = field(default_factory=list)
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, list):  # msgpack carries a list; the record keeps an immutable tuple
+            object.__setattr__(self, "stop", tuple(self.stop))
+        self.validate()
+
     def validate(self) -> None:
-        """Raise ProtocolError if a field breaks the schema."""
+        """Raise ProtocolError (a ValueError) if a field breaks the schema."""
         _check_float(self.temperature, "sampling.temperature")
-        if not self.temperature > 0:
-            _fail("sampling.temperature", f"must be > 0, got {self.temperature}")
+        if not self.temperature >= 0:
+            _fail("sampling.temperature", f"must be >= 0 (0 means greedy), got {self.temperature}")
         _check_float(self.top_p, "sampling.top_p")
         if not 0 < self.top_p <= 1:
-            _fail("sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+            _fail("sampling.top_p", f"must be in (0, 1] (1 disables it), got {self.top_p}")
         _check_int(self.top_k, "sampling.top_k", lo=-1)
         if self.top_k == 0:
             _fail("sampling.top_k", "must be -1 (off) or >= 1")
         _check_int(self.max_new_tokens, "sampling.max_new_tokens", lo=1)
-        _check_str_list(self.stop, "sampling.stop")
+        if not isinstance(self.stop, tuple):
+            _fail("sampling.stop", f"expected a list of strings, got {type(self.stop).__name__}")
+        _check_str_list(list(self.stop), "sampling.stop")
+        if any(not s for s in self.stop):
+            _fail("sampling.stop", "stop strings must be non-empty")
         if self.seed is not None:
             _check_int(self.seed, "sampling.seed")
 
@@ -319,14 +335,14 @@ class PromptTask(_Message):
 
     TAG: ClassVar[str] = "prompt"
     FLOATS = frozenset({"created_at"})
-    NESTED = {"sampling": SamplingParams}
+    NESTED = {"sampling": Sampling}
 
     prompt_id: str
     task_kind: str
     messages: list[dict[str, str]]
     ground_truth: Json
     n: int
-    sampling: SamplingParams
+    sampling: Sampling
     tools: list[dict[str, Json]] = field(default_factory=list)
     category: str = ""
     dispatch_version: int = 0
@@ -352,9 +368,12 @@ class PromptTask(_Message):
         _check_json(self.tools, "prompt.tools")
         _check_str(self.category, "prompt.category")
         _check_int(self.n, "prompt.n", lo=1)
-        if not isinstance(self.sampling, SamplingParams):
-            _fail("prompt.sampling", f"expected SamplingParams, got {type(self.sampling).__name__}")
+        if not isinstance(self.sampling, Sampling):
+            _fail("prompt.sampling", f"expected Sampling, got {type(self.sampling).__name__}")
         self.sampling.validate()
+        if not self.sampling.temperature > 0:
+            got = self.sampling.temperature
+            _fail("prompt.sampling.temperature", f"a training task samples at a temperature > 0, got {got}")
         _check_int(self.dispatch_version, "prompt.dispatch_version", lo=0)
         _check_int(self.epoch, "prompt.epoch", lo=0)
         _check_int(self.index, "prompt.index", lo=0)
@@ -522,5 +541,5 @@ class DeadLetter(_Message):
 
 
 MESSAGE_TYPES: dict[str, type[_Message]] = {
-    cls.TAG: cls for cls in (SamplingParams, PromptTask, Response, RolloutGroup, ScoredGroup, DeadLetter)
+    cls.TAG: cls for cls in (Sampling, PromptTask, Response, RolloutGroup, ScoredGroup, DeadLetter)
 }

@@ -27,19 +27,12 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry as SyncRetry
 
 from services.config import RedisConfig, RunConfig
+from services.contracts import DEADLETTER, KEY_PREFIX
 from services.protocol import DeadLetter, ProtocolError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-KEY_PREFIX = "dipo"
-PROMPTS = "prompts"
-ROLLOUTS = "rollouts"
-SCORED = "scored"
-DEADLETTER = "deadletter"
-PPL_WINDOW = "ppl_window"
-POLICY = "policy"
 
 DATA_FIELD = "d"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -547,18 +540,31 @@ def connect_sync(
     return redis.Redis.from_url(url, **kwargs)
 
 
-def clients_from_config(cfg: RedisConfig) -> tuple[aioredis.Redis, redis.Redis]:
-    """The asyncio and blocking clients a process builds from the run config's ``redis`` section."""
+def _client_options(cfg: RedisConfig) -> dict[str, Any]:
     if cfg.url is None:
         raise ValueError("redis.url is not set: `dipo run` sets it, or set DIPO_REDIS__URL=redis://host:port/0")
-    common: dict[str, Any] = {
+    options: dict[str, Any] = {
         "timeout_s": cfg.socket_timeout_s,
         "ssl_ca_certs": cfg.tls_ca_file,
         "ssl_certfile": cfg.tls_cert_file,
         "ssl_keyfile": cfg.tls_key_file,
     }
     if cfg.password:
-        common["password"] = cfg.password
+        options["password"] = cfg.password
+    return options
+
+
+def async_client_from_config(cfg: RedisConfig) -> aioredis.Redis:
+    """The asyncio client a process builds from the run config's ``redis`` section."""
+    options = _client_options(cfg)
+    assert cfg.url is not None  # checked by _client_options
+    return connect(cfg.url, **options)
+
+
+def clients_from_config(cfg: RedisConfig) -> tuple[aioredis.Redis, redis.Redis]:
+    """The asyncio and blocking clients a process builds from the run config's ``redis`` section."""
+    options = _client_options(cfg)
+    assert cfg.url is not None  # checked by _client_options
     sync = connect_sync(cfg.url, retries=cfg.retries, backoff_base_s=cfg.backoff_base_s,
-                        backoff_cap_s=cfg.backoff_max_s, **common)  # fmt: skip
-    return connect(cfg.url, **common), sync
+                        backoff_cap_s=cfg.backoff_max_s, **options)  # fmt: skip
+    return connect(cfg.url, **options), sync

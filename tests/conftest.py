@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from services.redis_server import LocalRedis
+from runner.redis_server import LocalRedis
 from services.streams import connect
 
 

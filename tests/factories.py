@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from services.protocol import PromptTask, Response, RolloutGroup, SamplingParams
+from services.protocol import PromptTask, Response, RolloutGroup, Sampling
 
 
 def math_task(prompt_id: str, gold: str = "7", n: int = 4, max_new_tokens: int = 64) -> PromptTask:
@@ -17,7 +17,7 @@ def math_task(prompt_id: str, gold: str = "7", n: int = 4, max_new_tokens: int =
         messages=[{"role": "user", "content": f"Compute {gold} + 0. Put the answer in \\boxed{{}}."}],
         ground_truth=gold,
         n=n,
-        sampling=SamplingParams(max_new_tokens=max_new_tokens),
+        sampling=Sampling(max_new_tokens=max_new_tokens),
     )
 
 

@@ -1,9 +1,20 @@
-"""What every verifier returns: a status, a score and the answer it extracted."""
+"""The verifier interface (one implementation per task kind, named in ``services.extensions.VERIFIERS``) and what
+every verifier returns: a status, a score and the answer it extracted."""
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
+import threading
+import time
+from abc import ABC, abstractmethod
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, Protocol
+
+from services.config import RewardConfig
 
 
 class Status(StrEnum):
@@ -35,3 +46,107 @@ class VerifyResult:
     def correct(self) -> bool:
         """Correctness c_i of DIPO_SPEC section 1."""
         return self.status is Status.CORRECT
+
+
+class Question(Protocol):
+    """What a verifier reads of a task: a stream ``PromptTask`` and an evaluation ``DataItem`` both are one."""
+
+    @property
+    def task_kind(self) -> str: ...
+
+    @property
+    def ground_truth(self) -> Any: ...
+
+    @property
+    def tools(self) -> list[dict[str, Any]]: ...
+
+    @property
+    def category(self) -> str: ...
+
+
+def done(result: VerifyResult) -> Future[VerifyResult]:
+    """A future that already holds ``result`` (for checks decided without a worker)."""
+    future: Future[VerifyResult] = Future()
+    future.set_result(result)
+    return future
+
+
+def settle(future: Future[VerifyResult], result: VerifyResult) -> None:
+    """Resolve ``future`` with ``result`` unless it is resolved already (the check and its deadline race)."""
+    with contextlib.suppress(InvalidStateError):
+        future.set_result(result)
+
+
+class Deadlines:
+    """One thread that resolves futures still pending at their deadline with a given result (``timeout``)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Future[VerifyResult], VerifyResult]] = []
+        self._counter = itertools.count()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="verifier-deadlines", daemon=True)
+        self._thread.start()
+
+    def add(self, timeout_s: float, future: Future[VerifyResult], result: VerifyResult) -> None:
+        """Resolve ``future`` with ``result`` after ``timeout_s`` unless it is done by then."""
+        with self._wake:
+            heapq.heappush(self._heap, (time.monotonic() + timeout_s, next(self._counter), future, result))
+            self._wake.notify()
+
+    def _run(self) -> None:
+        with self._wake:
+            while not self._closed:
+                while self._heap and self._heap[0][2].done():
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._wake.wait()
+                    continue
+                wait_s = self._heap[0][0] - time.monotonic()
+                if wait_s > 0:
+                    self._wake.wait(wait_s)
+                    continue
+                _, _, future, result = heapq.heappop(self._heap)
+                settle(future, result)
+
+    def close(self) -> None:
+        """Stop the thread; pending deadlines are dropped."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+
+
+class Verifier(ABC):
+    """Scores the responses of one task kind; thread-safe; ``close()`` when done.
+
+    ``check`` returns a future that resolves within the verifier's time bound whatever the response: a check
+    that runs over resolves with ``timeout``, and a verifier failure with ``error``; it never raises for a
+    response. A question the verifier cannot check at all (ground truth of the wrong shape, an unsupported
+    category) raises ``ValueError`` from ``validate_question`` and ``check``.
+    """
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: RewardConfig) -> Verifier:
+        """Build the verifier of one reward replica (or one evaluation) from the reward config."""
+
+    @classmethod
+    @abstractmethod
+    def validate_question(cls, question: Question) -> None:
+        """Raise ValueError when ``question`` cannot be verified by this verifier (checked before generating)."""
+
+    @abstractmethod
+    def check(self, response: str, question: Question, timeout_s: float) -> Future[VerifyResult]:
+        """Start verifying ``response`` against ``question``; the future resolves within ``timeout_s`` (+ grace)."""
+
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        """Block until any worker processes have warmed up; True when ready."""
+        return True
+
+    @property
+    def worker_restarts(self) -> int:
+        """Worker processes replaced after a hang or crash (a metric of the reward service)."""
+        return 0
+
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Stop any worker processes and threads."""

@@ -47,13 +47,16 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import math
 import re
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from reward_service.verifiers.base import Status, VerifyResult
+from reward_service.verifiers.base import Deadlines, Question, Status, Verifier, VerifyResult, settle
+from services.config import RewardConfig
 
 MAX_ANSWER_CHARS = 64 * 1024
 MAX_NESTING = 32
@@ -61,6 +64,9 @@ MAX_CALLS = 64
 MAX_ABS_INT = 2**63
 MAX_NAME_CHARS = 256
 MAX_EXTRACTED_CHARS = 2048
+
+logger = logging.getLogger(__name__)
+_TIMEOUT_DETAIL = "function-call check exceeded its time bound"
 
 _THINK_END = "</think>"
 _THINK_START = "<think>"
@@ -583,3 +589,67 @@ def _result(
     else:
         score = 1.0 if status is Status.CORRECT else 0.0
     return VerifyResult(status=status, score=score, extracted=extracted, detail=detail)
+
+
+# ---------------------------------------------------------------- the verifier
+
+
+def question_calls(question: Question) -> list[dict[str, Any]]:
+    """The acceptable call set of a function-call question; ValueError when it is not one."""
+    truth: Any = question.ground_truth
+    if isinstance(truth, str):
+        try:
+            truth = json.loads(truth) if truth else []
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"function-call ground truth is not JSON: {exc.msg}") from exc
+    if not isinstance(truth, list):
+        raise ValueError(f"a function-call question needs a list ground truth, got {type(truth).__name__}")
+    return truth
+
+
+class FunctionCallVerifier(Verifier):
+    """Checks calls on a small thread pool: parsing is bounded by construction (size and depth caps), and a check
+    still running at its deadline resolves as ``timeout``."""
+
+    def __init__(self, *, partial_credit: bool = False, workers: int = 2) -> None:
+        self.partial_credit = partial_credit
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="function-call-verifier")
+        self._deadlines = Deadlines()
+
+    @classmethod
+    def from_config(cls, cfg: RewardConfig) -> FunctionCallVerifier:
+        """One replica's verifier: its partial-credit rule and as many threads as verifier workers."""
+        return cls(partial_credit=cfg.function_call_partial_credit, workers=cfg.verifier_workers)
+
+    @classmethod
+    def validate_question(cls, question: Question) -> None:
+        """A question needs a list of acceptable calls and a Python-typed category."""
+        if "java" in question.category:
+            raise ValueError(
+                f"category {question.category!r} uses Java/JavaScript types, which the function-call verifier does "
+                "not check; use Python-typed categories only"
+            )
+        question_calls(question)
+
+    def check(self, response: str, question: Question, timeout_s: float) -> Future[VerifyResult]:
+        """Verify on the pool; the future resolves with ``timeout`` if the check is still running at the deadline."""
+        truth = question_calls(question)
+        tools, category = list(question.tools), question.category or "simple_python"
+        outcome: Future[VerifyResult] = Future()
+
+        def run() -> None:
+            try:
+                result = verify_function_call(response, tools, truth, category, partial_credit=self.partial_credit)
+            except Exception as exc:  # a verifier bug must not take the replica down; counted as `error`
+                logger.exception("function-call verifier failed")
+                result = VerifyResult(Status.ERROR, 0.0, None, f"{type(exc).__name__}: {exc}")
+            settle(outcome, result)
+
+        self._pool.submit(run)
+        self._deadlines.add(timeout_s, outcome, VerifyResult(Status.TIMEOUT, 0.0, None, _TIMEOUT_DETAIL))
+        return outcome
+
+    def close(self) -> None:
+        """Stop the threads (a check still running finishes in the background)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._deadlines.close()

@@ -12,7 +12,6 @@ Only tuples of str/float cross the process boundary, JSON-encoded over pipes (no
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
 import multiprocessing
 import queue
@@ -27,8 +26,9 @@ from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from typing import Literal
 
-from reward_service.verifiers.base import Status, VerifyResult
+from reward_service.verifiers.base import Question, Status, Verifier, VerifyResult, done
 from reward_service.verifiers.math_worker import decode_message, encode_message, worker_main
+from services.config import RewardConfig
 
 logger = logging.getLogger(__name__)
 
@@ -220,12 +220,6 @@ def _result(status: Status, extracted: str | None, detail: str = "") -> VerifyRe
     )
 
 
-def _done(result: VerifyResult) -> Future[VerifyResult]:
-    future: Future[VerifyResult] = Future()
-    future.set_result(result)
-    return future
-
-
 @dataclass(slots=True)
 class _Job:
     answer: str
@@ -355,8 +349,20 @@ class _Slot:
         self._kill_worker()
 
 
-class MathVerifier:
+class MathVerifier(Verifier):
     """A pool of math-verify worker processes with a hard per-item timeout; thread-safe, close() when done."""
+
+    @classmethod
+    def from_config(cls, cfg: RewardConfig) -> MathVerifier:
+        """The pool of one reward replica: its fallbacks, time bound and number of workers."""
+        options = MathVerifyOptions(fallbacks=tuple(cfg.math_fallbacks), timeout_s=cfg.verify_timeout_s)
+        return cls(options, num_workers=cfg.verifier_workers)
+
+    @classmethod
+    def validate_question(cls, question: Question) -> None:
+        """A math question needs its gold answer as a string."""
+        if not isinstance(question.ground_truth, str):
+            raise ValueError(f"math task needs a string ground truth, got {type(question.ground_truth).__name__}")
 
     def __init__(
         self,
@@ -432,13 +438,13 @@ class MathVerifier:
         opts = self.options
         extraction = extract_answer(response, opts)
         if extraction.answer is None:
-            return _done(_result(Status.NO_ANSWER, None, extraction.problem))
+            return done(_result(Status.NO_ANSWER, None, extraction.problem))
         answer = extraction.answer
         problem = shape_problem(answer, "answer", opts.max_answer_chars, opts.max_bracket_depth)
         gold_text = _gold_answer(gold)
         problem = problem or shape_problem(gold_text, "gold answer", opts.max_gold_chars, opts.max_bracket_depth)
         if problem is not None:
-            return _done(_result(Status.UNPARSABLE, None if len(answer) > opts.max_answer_chars else answer, problem))
+            return done(_result(Status.UNPARSABLE, None if len(answer) > opts.max_answer_chars else answer, problem))
         if not self._capacity.acquire(blocking=block):
             raise queue.Full("math verifier queue is full")
         budget_s = opts.timeout_s if timeout_s is None else timeout_s
@@ -451,6 +457,11 @@ class MathVerifier:
                 raise RuntimeError("MathVerifier is closed")
             self._jobs.put(job)
         return job.future
+
+    def check(self, response: str, question: Question, timeout_s: float) -> Future[VerifyResult]:
+        """The Verifier entry point: ``submit`` against the question's gold answer."""
+        self.validate_question(question)
+        return self.submit(response, question.ground_truth, timeout_s)
 
     def verify(self, response: str, gold: str, timeout_s: float | None = None) -> VerifyResult:
         """Verify one response against its gold answer, blocking the calling thread."""
@@ -488,29 +499,3 @@ class MathVerifier:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-_default_verifier: MathVerifier | None = None
-_default_lock = threading.Lock()
-
-
-def default_verifier() -> MathVerifier:
-    """The process-wide verifier behind verify_math(), created on first use and closed at interpreter exit."""
-    global _default_verifier
-    with _default_lock:
-        if _default_verifier is None or _default_verifier.closed:
-            _default_verifier = MathVerifier()
-            atexit.register(_default_verifier.close)
-        return _default_verifier
-
-
-def close_default_verifier() -> None:
-    """Close the process-wide verifier if one was created (the next verify_math() call creates a new one)."""
-    with _default_lock:
-        if _default_verifier is not None:
-            _default_verifier.close()
-
-
-def verify_math(response: str, gold: str, timeout_s: float = 5.0) -> VerifyResult:
-    """Verify ``response``'s final answer against ``gold`` on the process-wide default worker pool."""
-    return default_verifier().verify(response, gold, timeout_s)

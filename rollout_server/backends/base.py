@@ -1,4 +1,5 @@
-"""The interface every sampling backend (hf, vllm) implements, and the value types it returns.
+"""The interface every sampling backend implements (the registry is ``services.extensions.BACKENDS``), the options
+it is built from, and the value types it returns.
 
 Log-prob convention (see docs/SAMPLING.md): `Completion.logprobs[t]` is the log-probability of the sampled token
 `t` under the distribution it was actually drawn from: logits divided by the temperature, then top-k / top-p
@@ -8,13 +9,18 @@ truncation, renormalised.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from services.config import RunConfig
+from services.modeling.loading import resolve_model_path
+from services.protocol import Sampling
 
 FinishReason = Literal["stop", "length", "abort"]
 ChatMessages = list[dict[str, str]]
@@ -22,27 +28,37 @@ Prompts = Sequence[ChatMessages] | Sequence[str]
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """Sampling parameters of one generate call; the defaults are the training defaults (no truncation)."""
+class BackendOptions:
+    """What every backend is built from; each takes the options that apply to it and ignores the rest."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 64
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
+    model: str | Path
+    """A local Hugging Face folder (or the built-in default's name)."""
+    device: str = "cpu"
+    """torch device of in-process backends (hf); vLLM places itself."""
+    dtype: str | None = None
+    """Parameter dtype; None: the backend's default for its device."""
+    num_threads: int | None = None
+    """torch intra-op threads of this process (CPU)."""
+    seed: int = 0
+    """Engine seed (vLLM); per-request seeds come with each request's sampling."""
+    gpu_memory_utilization: float = 0.85
+    """vLLM: share of GPU memory to use."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Backend-specific keyword arguments (e.g. vLLM engine arguments)."""
 
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
-        if self.top_k != -1 and self.top_k < 1:
-            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> BackendOptions:
+        """The options of a run's rollout servers (the model folder resolved, converted on first use)."""
+        cache = Path(cfg.model.cache_dir) if cfg.model.cache_dir else None
+        rc = cfg.rollout
+        return cls(
+            model=resolve_model_path(cfg.model.name_or_path, cache),
+            device=rc.device,
+            dtype=cfg.model.dtype,
+            num_threads=rc.torch_threads,
+            seed=cfg.sampling.seed or 0,
+            gpu_memory_utilization=rc.gpu_memory_utilization,
+        )
 
 
 @dataclass
@@ -69,6 +85,14 @@ class PromptGroup:
 
 class Backend(ABC):
     """A sampler that owns a policy's weights and turns prompts into groups of completions."""
+
+    uses_gpu: bool = False
+    """Whether the backend always runs on a GPU (then weight sync uses NCCL whatever ``rollout.device`` says)."""
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> Backend:
+        """Build the backend (blocking: loads the weights); every backend in ``services.extensions`` defines it."""
+        raise NotImplementedError(f"{cls.__name__} is not built from options (it is not a registered backend)")
 
     @property
     @abstractmethod

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from rollout_server.backends.base import Backend, Completion, FinishReason, PromptGroup, Prompts, Sampling
+from rollout_server.backends.base import Backend, BackendOptions, Completion, FinishReason, PromptGroup, Prompts
 from services.modeling.loading import DEFAULT_MODEL, load_model, load_tokenizer
+from services.protocol import Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,12 @@ class HFBackend(Backend):
         self._tokenizer = load_tokenizer(model)
         self.eos_token_ids = frozenset(eos_token_ids if eos_token_ids is not None else self._default_eos_ids())
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> HFBackend:
+        """Build from the shared backend options (``extra`` may hold ``eos_token_ids``)."""
+        return cls(options.model, device=options.device, dtype=options.dtype, num_threads=options.num_threads,
+                   **dict(options.extra))  # fmt: skip
 
     def _default_eos_ids(self) -> set[int]:
         ids: set[int] = set()

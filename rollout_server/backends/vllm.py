@@ -43,8 +43,9 @@ import torch
 from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase
 
-from rollout_server.backends.base import Backend, Completion, FinishReason, PromptGroup, Prompts, Sampling
+from rollout_server.backends.base import Backend, BackendOptions, Completion, FinishReason, PromptGroup, Prompts
 from services.modeling.loading import DEFAULT_MODEL, load_tokenizer, resolve_model_path
+from services.protocol import Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class WeightLoaderExtension:
 class VLLMBackend(Backend):
     """Sampling with vLLM's engine; records the log-prob of every sampled token under its sampling distribution."""
 
+    uses_gpu = True
+
     def __init__(
         self,
         model: str | Path = DEFAULT_MODEL,
@@ -155,6 +158,13 @@ class VLLMBackend(Backend):
             **engine_kwargs,
         )
         self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> VLLMBackend:
+        """Build from the shared backend options (vLLM places itself: ``device`` does not apply; ``extra`` holds
+        engine arguments)."""
+        return cls(options.model, dtype=options.dtype, gpu_memory_utilization=options.gpu_memory_utilization,
+                   seed=options.seed, num_threads=options.num_threads, **dict(options.extra))  # fmt: skip
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:

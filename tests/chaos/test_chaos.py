@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from model_factories import save_tiny_llama
 
-from services.chaos import ChaosPlan, run_chaos
+from runner.chaos import ChaosPlan, run_chaos
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

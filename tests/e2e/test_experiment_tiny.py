@@ -20,8 +20,8 @@ import pytest
 import yaml
 from model_factories import save_tiny_llama
 
-from services.experiment_report import SECTIONS
-from services.experiment_stats import METRICS
+from runner.experiment.report import SECTIONS
+from runner.experiment.stats import METRICS
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -38,7 +38,7 @@ def experiment(model: Path, out: Path) -> subprocess.CompletedProcess[str]:
     argv = [
         sys.executable,
         "-m",
-        "services.cli",
+        "runner.cli",
         "experiment",
         "configs/quickstart.yaml",
         "--arms",

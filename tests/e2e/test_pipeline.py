@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from runner.redis_server import LocalRedis
 from services.protocol import RolloutGroup
-from services.redis_server import LocalRedis
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
@@ -31,7 +31,7 @@ def test_quickstart_pipeline_trains_and_accounts_for_every_group(tmp_path: Path)
             "rollout.workers=2",
             "sampling.max_new_tokens=48",
         ]
-        argv = [sys.executable, "-m", "services.cli", "run", "configs/quickstart.yaml", "--no-panel"]
+        argv = [sys.executable, "-m", "runner.cli", "run", "configs/quickstart.yaml", "--no-panel"]
         for item in overrides:
             argv += ["--set", item]
         result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=840, check=False,

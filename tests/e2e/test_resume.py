@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from learner.data import EpochOrder, load_items
+from runner.redis_server import LocalRedis
 from services.config import load_config
 from services.ledger import check_ledger, read_ledger
-from services.redis_server import LocalRedis
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -34,7 +34,7 @@ def test_learner_killed_between_checkpoints_resumes_exactly(tmp_path: Path) -> N
     overrides = [f"run_dir={run_dir}", "name=resume", f"learner.steps={STEPS}", "learner.checkpoint_every=2",
                  "sampling.max_new_tokens=32", "streams.visibility_timeout_s=20"]  # fmt: skip
     with LocalRedis(tmp_path / "redis") as server:
-        argv = [sys.executable, "-m", "services.cli", "run", "configs/quickstart.yaml", "--no-panel"]
+        argv = [sys.executable, "-m", "runner.cli", "run", "configs/quickstart.yaml", "--no-panel"]
         for item in [f"redis.url={server.url}", *overrides]:
             argv += ["--set", item]
         log_path = tmp_path / "dipo-run.log"

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from services.redis_server import LocalRedis
-from services.streams import PROMPTS, ROLLOUTS, SCORED, run_key
+from runner.redis_server import LocalRedis
+from services.contracts import PROMPTS, ROLLOUTS, SCORED
+from services.streams import run_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import bench_load_burst as burst  # noqa: E402 - the benchmark's harness, importable once bench/ is on the path

@@ -49,25 +49,15 @@ from learner.feeder import PromptFeeder
 from learner.weight_sync import BroadcastReport, WeightBroadcaster, redis_hash_publisher
 from reward_service.verify import Verifiers
 from reward_service.worker import RewardWorker
-from rollout_server.backends import Sampling
 from rollout_server.backends.hf import HFBackend
 from rollout_server.metrics import RolloutMetrics
-from rollout_server.sync import ROLLOUT_VERSIONS, PolicyWeights, WeightSync
+from rollout_server.sync import PolicyWeights, WeightSync
 from rollout_server.worker import RolloutWorker
+from runner.redis_server import LocalRedis
 from services.config import RewardConfig, RunConfig
-from services.protocol import ScoredGroup
-from services.redis_server import LocalRedis
-from services.streams import (
-    DEADLETTER,
-    POLICY,
-    ROLLOUTS,
-    SCORED,
-    StreamClient,
-    StreamSpec,
-    connect,
-    connect_sync,
-    run_key,
-)
+from services.contracts import DEADLETTER, POLICY, ROLLOUT_VERSIONS, ROLLOUTS, SCORED
+from services.protocol import Sampling, ScoredGroup
+from services.streams import StreamClient, StreamSpec, connect, connect_sync, run_key
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)
@@ -382,7 +372,7 @@ async def test_stuck_verification_ends_as_timeout_and_the_stream_flows(
         assert not running.done(), running
         return await redis_client.xlen(scored_key) >= count
 
-    restarts = verifiers.math.worker_restarts
+    restarts = verifiers.get("math").worker_restarts
     frozen: list[int] = []
     try:
         # the power tower: sympy never finishes, the worker's own timer ends the item, the worker lives on
@@ -391,7 +381,7 @@ async def test_stuck_verification_ends_as_timeout_and_the_stream_flows(
         await rollouts.produce_many([g.to_bytes() for g in groups])
         await wait_until("the first groups to be scored", lambda: scored_count(len(groups)), 60)
         # a frozen worker: its timer cannot fire, so the parent's deadline kills it and starts a new one
-        frozen = verifiers.math.worker_pids()
+        frozen = verifiers.get("math").worker_pids()
         assert len(frozen) == 1
         os.kill(frozen[0], signal.SIGSTOP)
         later = [math_group("frozen", ["7", "3"])] + [math_group(f"b{i}", ["7", "3"]) for i in range(3)]
@@ -412,6 +402,7 @@ async def test_stuck_verification_ends_as_timeout_and_the_stream_flows(
     assert scored["frozen"].status == ["timeout", "wrong"]  # the killed worker's item; the next one ran on its heir
     for prompt_id in ("a0", "a1", "a2", "b0", "b1", "b2"):
         assert scored[prompt_id].status == ["correct", "wrong"]
-    assert verifiers.math.worker_restarts == restarts + 1 and frozen[0] not in verifiers.math.worker_pids()
+    math = verifiers.get("math")
+    assert math.worker_restarts == restarts + 1 and frozen[0] not in math.worker_pids()
     assert (await rollouts.info()).pending == 0
     assert await redis_client.xlen(str(StreamSpec(run_name, DEADLETTER))) == 0

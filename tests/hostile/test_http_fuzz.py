@@ -28,6 +28,7 @@ from model_factories import save_tiny_llama
 from schemathesis.checks import not_a_server_error
 from schemathesis.python.asgi import shutdown_lifespans
 
+from learner.app import LearnerServer, Progress
 from learner.metrics import LearnerMetrics
 from reward_service.app import create_app as create_reward_app
 from rollout_server.app import create_app as create_rollout_app
@@ -87,11 +88,11 @@ def rollout_app(tiny_backend: HFBackend) -> FastAPI:
 
 @pytest.fixture(scope="module")
 def learner_url() -> Iterator[str]:
-    metrics = LearnerMetrics(RunConfig())
+    server = LearnerServer(RunConfig(), LearnerMetrics(), Progress())
     try:
-        yield f"http://127.0.0.1:{metrics.port}"
+        yield f"http://127.0.0.1:{server.port}"
     finally:
-        metrics.close()
+        server.close()
 
 
 @pytest.fixture(autouse=True)

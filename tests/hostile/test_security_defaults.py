@@ -38,14 +38,14 @@ import redis.exceptions as rexc
 import yaml
 
 from reward_service.app import create_app as create_reward_app
+from runner.panel import RunMonitor
+from runner.redis_server import free_port
 from services.config import RunConfig, load_config
-from services.panel import RunMonitor
-from services.redis_server import free_port
 from services.streams import clients_from_config
 
 REPO = Path(__file__).resolve().parents[2]
-SCANNED = ["services", "learner", "rollout_server", "reward_service", "evaluation", "bench", "scripts", "tests"]
-COMPONENTS = ["services", "learner", "rollout_server", "reward_service", "evaluation"]
+COMPONENTS = ["services", "runner", "learner", "rollout_server", "reward_service", "evaluation"]
+SCANNED = [*COMPONENTS, "bench", "scripts", "tests"]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 ALL_INTERFACES = {"0.0.0.0", "::", "[::]"}
 
@@ -287,7 +287,7 @@ TLS_AND_AUTH = {"password", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"}
 # Where a Redis client is built on purpose without cfg.redis: the builders themselves, LocalRedis's readiness probe
 # of the server it started, and the chaos runner's client of the LocalRedis it started (whose URL carries the
 # password; a private local server never uses TLS).
-BUILDER_MODULES = {"services/streams.py", "services/redis_server.py", "services/chaos.py"}
+BUILDER_MODULES = {"services/streams.py", "runner/redis_server.py", "runner/chaos.py"}
 
 
 def test_components_build_redis_clients_only_from_the_run_config() -> None:
@@ -299,11 +299,11 @@ def test_components_build_redis_clients_only_from_the_run_config() -> None:
             if not isinstance(node, ast.Call):
                 continue
             name = _name(node.func).rsplit(".", 1)[-1]
-            if name == "clients_from_config":
+            if name in ("clients_from_config", "async_client_from_config"):
                 builders += 1
                 argument = ast.unparse(node.args[0]) if node.args else ""
                 if not argument.endswith(".redis"):
-                    offenders.append(f"{relative}:{node.lineno}: clients_from_config({argument})")
+                    offenders.append(f"{relative}:{node.lineno}: {name}({argument})")
             elif name in REDIS_BUILDERS and relative not in BUILDER_MODULES:
                 given = {kw.arg for kw in node.keywords}
                 if name == "connect" and not node.args:

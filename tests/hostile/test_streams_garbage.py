@@ -37,12 +37,13 @@ from model_factories import save_tiny_llama
 from learner.batch import BatchAssembler
 from reward_service.verify import Verifiers
 from reward_service.worker import RewardWorker
-from rollout_server.backends import Backend, PromptGroup, Sampling
+from rollout_server.backends import Backend, PromptGroup
 from rollout_server.backends.hf import HFBackend
 from rollout_server.worker import MAX_GROUP_SIZE, RolloutWorker
 from services.config import RewardConfig, RunConfig, load_config
-from services.protocol import DeadLetter, PromptTask, RolloutGroup, SamplingParams, ScoredGroup
-from services.streams import DATA_FIELD, DEADLETTER, ROLLOUTS, SCORED, StreamSpec, connect
+from services.contracts import DEADLETTER, ROLLOUTS, SCORED
+from services.protocol import DeadLetter, PromptTask, RolloutGroup, Sampling, ScoredGroup
+from services.streams import DATA_FIELD, StreamSpec, connect
 
 pytestmark = pytest.mark.timeout(180)
 torch.set_num_threads(1)
@@ -145,7 +146,7 @@ def prompt(prompt_id: str, **sampling: Any) -> PromptTask:
     n = params.pop("n", 2)
     return PromptTask(
         prompt_id=prompt_id, task_kind="math", messages=[{"role": "user", "content": "What is 3 + 4?"}],
-        ground_truth="7", n=n, sampling=SamplingParams(**params), created_at=time.time(),
+        ground_truth="7", n=n, sampling=Sampling(**params), created_at=time.time(),
     )  # fmt: skip
 
 
@@ -162,7 +163,6 @@ async def test_rollout_worker_dead_letters_garbage_and_answers_the_rest(
     # They decode, and say things no backend can do: each is refused alone, with the reason, and nothing else fails.
     refused = {
         "many": (prompt("many", n=2**40), "largest group"),
-        "empty-stop": (prompt("empty-stop", stop=[""]), "stop strings"),
         "long": (prompt("long", max_new_tokens=2**62), "context"),
     }
     # They decode, look odd, and are fine: tiny temperatures and nuclei are sampled (greedily) without NaN.
@@ -173,6 +173,10 @@ async def test_rollout_worker_dead_letters_garbage_and_answers_the_rest(
         "negative-seed": prompt("negative-seed", seed=-(2**63)),
     }
     good = [prompt(f"good{i}") for i in range(3)]
+    # A producer that builds its messages by hand can write what the sampling record refuses to be built with.
+    raw = msgpack.unpackb(prompt("empty-stop").to_bytes())
+    raw["sampling"]["stop"] = [""]
+    corpus.append(({DATA_FIELD: msgpack.packb(raw)}, "stop strings must be non-empty"))
     bad_ids = await write(redis_client, key, [fields for fields, _ in corpus])
     refused_ids = await write(redis_client, key, [{DATA_FIELD: t.to_bytes()} for t, _ in refused.values()])
     await write(redis_client, key, [{DATA_FIELD: t.to_bytes()} for t in [*odd.values(), *good]])

@@ -32,7 +32,7 @@ from reward_service.verifiers.function_call import MAX_ANSWER_CHARS, parse_tool_
 from reward_service.verifiers.math import MathVerifyOptions, extract_answer
 from reward_service.verify import Verifiers
 from services.config import RewardConfig
-from services.protocol import PromptTask, SamplingParams
+from services.protocol import PromptTask, Sampling
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -69,11 +69,11 @@ def marker(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def math_task(gold: str) -> PromptTask:
-    return PromptTask("m", "math", [{"role": "user", "content": "?"}], gold, 1, SamplingParams())
+    return PromptTask("m", "math", [{"role": "user", "content": "?"}], gold, 1, Sampling())
 
 
 def call_task(category: str = "simple_python") -> PromptTask:
-    return PromptTask("f", "function_call", [{"role": "user", "content": "?"}], TRUTH, 1, SamplingParams(),
+    return PromptTask("f", "function_call", [{"role": "user", "content": "?"}], TRUTH, 1, Sampling(),
                       tools=[TOOL], category=category)  # fmt: skip
 
 
@@ -194,7 +194,7 @@ def test_fuzzed_latex_extraction_never_raises(response: str) -> None:
 @given(response=latex_soup, gold=st.sampled_from(["1", "\\frac{1}{2}", "x^2", "\\{1,2\\}"]))
 def test_fuzzed_latex_through_the_pool_is_a_status(verifiers: Verifiers, response: str, gold: str) -> None:
     started = time.monotonic()
-    result = verifiers.math.verify(response, gold, timeout_s=BUDGET_S)
+    result = verifiers.get("math").verify(response, gold, timeout_s=BUDGET_S)
     assert result.status in STATUSES
     assert time.monotonic() - started < BOUND_S
 

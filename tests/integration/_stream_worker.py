@@ -14,10 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from services.protocol import PromptTask, SamplingParams
-from services.streams import PROMPTS, StreamClient, StreamSpec, connect
+from services.contracts import PROMPTS, ROLLOUT_GROUP
+from services.protocol import PromptTask, Sampling
+from services.streams import StreamClient, StreamSpec, connect
 
-GROUP = "rollout"
 ACKLOG = "acklog"
 POISON = (b"\xc1 not msgpack", b"\x81\xa1v\x01", b"")
 
@@ -30,7 +30,7 @@ def make_task(prompt_id: str, index: int) -> PromptTask:
         messages=[{"role": "user", "content": f"What is {index} + 1?"}],
         ground_truth=str(index + 1),
         n=4,
-        sampling=SamplingParams(max_new_tokens=16),
+        sampling=Sampling(max_new_tokens=16),
         index=index,
         created_at=time.time(),
     )
@@ -64,7 +64,7 @@ async def consume(args: argparse.Namespace) -> dict[str, int]:
     """Consume until the stop file appears; optionally hang mid-batch (read, not acked) to be SIGKILLed."""
     redis = connect(args.url, timeout_s=2.0)
     spec = StreamSpec(args.run, PROMPTS)
-    client = StreamClient(redis, spec, GROUP, args.name, timeout_s=2.0, retries=12, max_deliveries=3)
+    client = StreamClient(redis, spec, ROLLOUT_GROUP, args.name, timeout_s=2.0, retries=12, max_deliveries=3)
     await client.ensure_group()
     acklog = spec.sibling(ACKLOG)
     done, loops = 0, 0

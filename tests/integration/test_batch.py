@@ -24,8 +24,9 @@ from learner.batch import (
     micro_batches,
 )
 from services.config import RunConfig
+from services.contracts import SCORED
 from services.protocol import ProtocolError, ScoredGroup
-from services.streams import DATA_FIELD, SCORED, StreamSpec
+from services.streams import DATA_FIELD, StreamSpec
 
 
 def scored(

@@ -12,8 +12,9 @@ import redis.exceptions as rexc
 from learner.data import DataItem, EpochOrder
 from learner.feeder import FeederConflict, FeederState, PromptFeeder, prompt_seed
 from services.config import RunConfig
+from services.contracts import DEADLETTER, PROMPTS
 from services.protocol import DeadLetter, PromptTask
-from services.streams import DATA_FIELD, DEADLETTER, PROMPTS, StreamSpec
+from services.streams import DATA_FIELD, StreamSpec
 
 
 def items(count: int = 10) -> list[DataItem]:

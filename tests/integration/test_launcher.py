@@ -18,9 +18,11 @@ import redis
 from rich.console import Console
 from typer.testing import CliRunner
 
-from services.cli import app
-from services.config import RunConfig, load_config
-from services.launcher import (
+from runner.cli import app
+from runner.launcher import LaunchError, build_child_specs, prepare_run_dir
+from runner.panel import MetricsTail, PlainDisplay, RunMonitor, Snapshot, plain_line, render
+from runner.redis_server import LocalRedis
+from runner.supervisor import (
     EXIT_DONE,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -28,15 +30,12 @@ from services.launcher import (
     STOP_RANK_REWARD,
     STOP_RANK_ROLLOUT,
     ChildSpec,
-    LaunchError,
     RestartPolicy,
     Supervisor,
-    build_child_specs,
-    prepare_run_dir,
 )
-from services.panel import MetricsTail, PlainDisplay, RunMonitor, Snapshot, plain_line, render
-from services.redis_server import LocalRedis
-from services.streams import PROMPTS, connect_sync, run_key
+from services.config import RunConfig, load_config
+from services.contracts import PROMPTS
+from services.streams import connect_sync, run_key
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -107,7 +106,7 @@ sys.exit(3)
 DRIVER = r"""
 import json, sys
 from pathlib import Path
-from services.launcher import ChildSpec, RestartPolicy, Supervisor
+from runner.supervisor import ChildSpec, RestartPolicy, Supervisor
 
 data = json.loads(Path(sys.argv[1]).read_text())
 specs = [ChildSpec(d["name"], d["argv"], d["env"], RestartPolicy(max_restarts=0), primary=d["primary"],
@@ -360,7 +359,7 @@ def test_child_specs_resume_and_fixed_ports() -> None:
 
 def test_specs_run_under_the_supervisor_without_importing_torch() -> None:
     # the launcher starts components as processes: importing it must not pull torch or vLLM into `services`
-    code = "import sys, services.cli, services.launcher, services.panel, services.report; " \
+    code = "import sys, runner.cli, runner.launcher, runner.panel, runner.report; " \
            "print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))"  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
@@ -526,7 +525,7 @@ def restore_logging() -> object:
 def test_launch_runs_stand_ins_with_a_local_redis_and_writes_the_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_logging: object
 ) -> None:
-    import services.launcher as launcher
+    import runner.launcher as launcher
 
     (tmp_path / "learner.py").write_text(FAKE_LEARNER)
     seen: dict[str, str] = {}

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher import ChildSpec, Supervisor, torchrun_argv
+from runner.launcher import torchrun_argv
+from runner.supervisor import ChildSpec, Supervisor
 
 pytestmark = pytest.mark.timeout(240)
 

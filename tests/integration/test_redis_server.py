@@ -10,7 +10,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from services.redis_server import LocalRedis
+from runner.redis_server import LocalRedis
 
 
 def pid_alive(pid: int) -> bool:

@@ -21,8 +21,9 @@ from factories import math_group
 from reward_service.app import create_app
 from reward_service.window import PplWindow
 from services.config import load_config
+from services.contracts import DEADLETTER, ROLLOUTS, SCORED
 from services.protocol import DeadLetter, ScoredGroup
-from services.streams import DEADLETTER, ROLLOUTS, SCORED, StreamClient, StreamSpec
+from services.streams import StreamClient, StreamSpec
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -25,14 +25,14 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner.weight_sync import WeightBroadcaster, redis_hash_publisher
-from rollout_server.backends import Backend, PromptGroup, Sampling
+from rollout_server.backends import Backend, PromptGroup
 from rollout_server.backends.hf import HFBackend
-from rollout_server.sync import ROLLOUT_VERSIONS
-from rollout_server.worker import GROUP, RolloutWorker
+from rollout_server.worker import RolloutWorker
 from services.config import load_config
+from services.contracts import DEADLETTER, POLICY, PROMPTS, ROLLOUT_GROUP, ROLLOUT_VERSIONS, ROLLOUTS
 from services.modeling.loading import DEFAULT_MODEL, load_tokenizer
-from services.protocol import DeadLetter, PromptTask, RolloutGroup, SamplingParams
-from services.streams import DEADLETTER, POLICY, PROMPTS, ROLLOUTS, StreamClient, StreamSpec, connect_sync, run_key
+from services.protocol import DeadLetter, PromptTask, RolloutGroup, Sampling
+from services.streams import StreamClient, StreamSpec, connect_sync, run_key
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(240)
@@ -58,7 +58,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def task(i: int, *, n: int = 2, max_new_tokens: int = 8, **sampling: Any) -> PromptTask:
     return PromptTask(
         prompt_id=f"p{i}", task_kind="math", messages=[{"role": "user", "content": f"What is {i} + {i}?"}],
-        ground_truth=str(2 * i), n=n, sampling=SamplingParams(max_new_tokens=max_new_tokens, **sampling),
+        ground_truth=str(2 * i), n=n, sampling=Sampling(max_new_tokens=max_new_tokens, **sampling),
         created_at=time.time(),
     )  # fmt: skip
 
@@ -230,7 +230,7 @@ async def test_two_servers_one_killed_answer_every_prompt_once_and_follow_the_we
     policy_key, versions_key = run_key(run_name, POLICY), run_key(run_name, ROLLOUT_VERSIONS)
     sync_redis.hset(policy_key, mapping={"version": "0", "status": "running"})
     learner = WeightBroadcaster(timeout_s=20.0, publish=redis_hash_publisher(sync_redis, policy_key))
-    prompts = StreamClient(redis_client, StreamSpec(run_name, PROMPTS), GROUP, "test")
+    prompts = StreamClient(redis_client, StreamSpec(run_name, PROMPTS), ROLLOUT_GROUP, "test")
     await prompts.ensure_group()
     await prompts.produce_many([task(i).to_bytes() for i in range(8)])
     config = write_config(tmp_path, run_name, redis_url, model_dir, "server")
@@ -293,7 +293,7 @@ async def test_late_server_starts_from_the_published_checkpoint(
     policy_key, versions_key = run_key(run_name, POLICY), run_key(run_name, ROLLOUT_VERSIONS)
     await redis_client.hset(policy_key, mapping={"version": "7", "status": "running", "checkpoint": str(checkpoint),
                                                  "checkpoint_version": "7"})  # fmt: skip
-    prompts = StreamClient(redis_client, StreamSpec(run_name, PROMPTS), GROUP, "test")
+    prompts = StreamClient(redis_client, StreamSpec(run_name, PROMPTS), ROLLOUT_GROUP, "test")
     await prompts.ensure_group()
     log = tmp_path / "c.log"
     c = start_server(write_config(tmp_path, run_name, redis_url, model_dir, "late"), log)

@@ -17,24 +17,17 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from services.protocol import DeadLetter, PromptTask, SamplingParams
-from services.redis_server import LocalRedis
-from services.streams import (
-    DEADLETTER,
-    PROMPTS,
-    RecentIds,
-    StreamClient,
-    StreamSpec,
-    connect,
-    run_key,
-)
+from runner.redis_server import LocalRedis
+from services.contracts import DEADLETTER, PROMPTS
+from services.protocol import DeadLetter, PromptTask, Sampling
+from services.streams import RecentIds, StreamClient, StreamSpec, connect, run_key
 
 WORKER = Path(__file__).with_name("_stream_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def task(prompt_id: str) -> PromptTask:
-    return PromptTask(prompt_id, "math", [{"role": "user", "content": "1+1?"}], "2", 2, SamplingParams())
+    return PromptTask(prompt_id, "math", [{"role": "user", "content": "1+1?"}], "2", 2, Sampling())
 
 
 # ------------------------------------------------------------------------------------------------ keys and helpers
@@ -200,7 +193,7 @@ async def test_retries_are_bounded_when_redis_is_gone() -> None:
 
 
 def _unused_port() -> int:
-    from services.redis_server import free_port
+    from runner.redis_server import free_port
 
     return free_port()
 

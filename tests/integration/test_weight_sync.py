@@ -18,8 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from learner.weight_sync import ENDPOINT_FIELD, WeightBroadcaster, redis_hash_publisher
+from learner.weight_sync import WeightBroadcaster, redis_hash_publisher
 from rollout_server.weight_receiver import WeightReceiver
+from services.contracts import PolicyField
 from services.modeling.weight_sync import (
     BUCKET_PAD,
     Manifest,
@@ -205,7 +206,7 @@ def test_receivers_get_identical_weights_and_a_late_joiner_catches_up(
         timeout_s=10, bucket_bytes=BUCKET_BYTES, publish=redis_hash_publisher(client, policy_key)
     )
     try:
-        endpoint = client.hget(policy_key, ENDPOINT_FIELD)
+        endpoint = client.hget(policy_key, PolicyField.SYNC_ENDPOINT)
         assert endpoint is not None and endpoint.decode() == learner.endpoint
         a, b = spawn(learner.endpoint, "a"), spawn(learner.endpoint, "b")
         assert learner.wait_for_receivers(2, START_TIMEOUT_S) == 2

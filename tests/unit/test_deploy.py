@@ -291,7 +291,7 @@ def _imported_modules(path: Path) -> set[str]:
 
 def _third_party_closure(package: str) -> dict[str, str]:
     """Third-party top-level modules reachable from every module of `package` through first-party imports."""
-    first_party = {"services", "learner", "rollout_server", "reward_service"}
+    first_party = {"services", "runner", "learner", "rollout_server", "reward_service"}
     todo = list((REPO / package).rglob("*.py"))
     seen: set[Path] = set()
     found: dict[str, str] = {}

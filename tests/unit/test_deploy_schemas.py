@@ -28,8 +28,6 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from services.config import load_config
-
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -377,13 +375,9 @@ def registered() -> dict[str, str]:
     from reward_service.metrics import RewardMetrics
     from rollout_server.metrics import RolloutMetrics
 
-    learner = LearnerMetrics(load_config(overrides=["learner.server.port=0"], environ={}))
-    try:
-        registries = [RewardMetrics().component.registry, RolloutMetrics().component.registry]
-        registries.append(learner.component.registry)
-        return {family.name: family.type for registry in registries for family in registry.collect()}
-    finally:
-        learner.close()
+    registries = [RewardMetrics().component.registry, RolloutMetrics().component.registry]
+    registries.append(LearnerMetrics().component.registry)
+    return {family.name: family.type for registry in registries for family in registry.collect()}
 
 
 def _documented() -> dict[str, str]:

@@ -43,8 +43,8 @@ from test_deploy_schemas import (
     kustomize_build,
 )
 
+from runner.redis_server import free_port
 from services.config import load_config
-from services.redis_server import free_port
 from services.streams import clients_from_config, connect_sync
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from learner.data import BFCL_CATEGORIES, DataItem, EpochOrder, load_items, pick_examples
+from learner.data import DataItem, EpochOrder, load_items, pick_examples
 from learner.prompts import MATH_INSTRUCTION, build_function_call_messages
+from services.bfcl import PROMPT_CATEGORIES
 from services.config import DataConfig
 
 CHAIN_SUM_ARGS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
@@ -249,7 +250,7 @@ def test_bfcl_java_prompt_passes_arguments_as_strings() -> None:
 def test_bfcl_rejects_unsupported_categories() -> None:
     with pytest.raises(ValueError, match="multi_turn_base"):
         bfcl("simple_python,multi_turn_base")
-    assert "live_relevance" not in BFCL_CATEGORIES
+    assert "live_relevance" not in PROMPT_CATEGORIES
 
 
 def test_function_call_messages_merge_leading_system_turns() -> None:

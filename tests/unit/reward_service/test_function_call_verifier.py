@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from reward_service.verifiers.base import Status
-from reward_service.verifiers.bfcl_data import BfclItem, load_bfcl
 from reward_service.verifiers.function_call import (
     MAX_ANSWER_CHARS,
     CallParseError,
@@ -21,6 +20,7 @@ from reward_service.verifiers.function_call import (
     standardize_string,
     verify_function_call,
 )
+from services.bfcl import BfclItem, load_bfcl
 
 AST_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple")
 ITEMS_PER_CATEGORY = 25
@@ -118,7 +118,7 @@ def test_loader_reads_every_category_with_its_shape() -> None:
             assert item.id.startswith(category)
             assert item.messages and all({"role", "content"} <= m.keys() for m in item.messages)
             assert item.functions and all("name" in f and "parameters" in f for f in item.functions)
-            assert (item.ground_truth is None) == (category == "irrelevance")
+            assert (item.ground_truth == []) == (category == "irrelevance")
 
 
 def test_loader_limit_and_errors() -> None:
@@ -130,7 +130,7 @@ def test_loader_limit_and_errors() -> None:
 
 def test_loader_does_not_import_bfcl_eval() -> None:
     # bfcl_eval's own modules pull heavy dependencies and its decoders eval model output: only its data is read
-    code = "import sys; from reward_service.verifiers.bfcl_data import load_bfcl; load_bfcl('parallel', 2); "
+    code = "import sys; from services.bfcl import load_bfcl; load_bfcl('parallel', 2); "
     code += "assert not any(m.startswith('bfcl_eval') for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

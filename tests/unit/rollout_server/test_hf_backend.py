@@ -14,10 +14,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rollout_server.backends import Sampling, create_backend
+from rollout_server.backends import BackendOptions, create_backend
 from rollout_server.backends.base import PromptGroup
 from rollout_server.backends.hf import HFBackend, draw, filter_logits
 from services.modeling.loading import DEFAULT_MODEL, load_tokenizer
+from services.protocol import Sampling
 
 torch.set_num_threads(2)
 
@@ -205,12 +206,12 @@ def test_sampling_rejects_bad_values() -> None:
 
 
 def test_factory(tiny_model_dir: Path) -> None:
-    assert isinstance(create_backend("hf", model=tiny_model_dir), HFBackend)
+    assert isinstance(create_backend("hf", BackendOptions(tiny_model_dir)), HFBackend)
     with pytest.raises(ValueError, match="unknown backend kind"):
-        create_backend("tgi")
+        create_backend("tgi", BackendOptions(tiny_model_dir))
     if importlib.util.find_spec("rollout_server.backends.vllm") is None:
         with pytest.raises(RuntimeError, match="vllm backend"):
-            create_backend("vllm")
+            create_backend("vllm", BackendOptions(tiny_model_dir))
 
 
 def test_default_model_generates_a_group() -> None:

@@ -19,10 +19,11 @@ from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
 from rollout_server.app import create_app
-from rollout_server.backends import Sampling
 from rollout_server.backends.hf import HFBackend
-from rollout_server.sync import CheckpointError, PolicyView, PolicyWeights, read_checkpoint
+from rollout_server.sync import CheckpointError, PolicyWeights, read_checkpoint
 from services.config import RunConfig, load_config
+from services.contracts import PolicyView
+from services.protocol import Sampling
 
 torch.set_num_threads(1)
 

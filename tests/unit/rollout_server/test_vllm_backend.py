@@ -20,8 +20,9 @@ import torch
 from model_factories import save_tiny_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 
-from rollout_server.backends import Backend, PromptGroup, Sampling
+from rollout_server.backends import Backend, PromptGroup
 from services.modeling.loading import DEFAULT_MODEL, resolve_model_path
+from services.protocol import Sampling
 
 pytestmark = [
     pytest.mark.vllm,

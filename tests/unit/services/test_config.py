@@ -131,7 +131,7 @@ def test_cli_config_show_prints_resolved_config() -> None:
         [
             sys.executable,
             "-m",
-            "services.cli",
+            "runner.cli",
             "config",
             "show",
             str(REPO / "configs/quickstart.yaml"),
@@ -149,7 +149,7 @@ def test_cli_config_show_prints_resolved_config() -> None:
         [
             sys.executable,
             "-m",
-            "services.cli",
+            "runner.cli",
             "config",
             "show",
             str(REPO / "configs/quickstart.yaml"),
@@ -172,7 +172,7 @@ def test_cli_redis_starts_a_private_server_and_stops_it(tmp_path: Path) -> None:
     import redis
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "redis", "--data-dir", str(tmp_path), "--password", "pw"],
+        [sys.executable, "-m", "runner.cli", "redis", "--data-dir", str(tmp_path), "--password", "pw"],
         stdout=subprocess.PIPE, text=True, env={**__import__("os").environ, "COLUMNS": "300"},
     )  # fmt: skip
     try:

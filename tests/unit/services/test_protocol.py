@@ -21,7 +21,7 @@ from services.protocol import (
     ProtocolError,
     Response,
     RolloutGroup,
-    SamplingParams,
+    Sampling,
     ScoredGroup,
 )
 
@@ -37,7 +37,7 @@ def make_prompt(n: int = 3, kind: str = "math") -> PromptTask:
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 6 × 7? 🙂"}],
         ground_truth=ground_truth,
         n=n,
-        sampling=SamplingParams(temperature=0.7, top_p=0.95, top_k=50, max_new_tokens=64, stop=["</s>"], seed=123),
+        sampling=Sampling(temperature=0.7, top_p=0.95, top_k=50, max_new_tokens=64, stop=["</s>"], seed=123),
         tools=tools,
         category="simple" if kind == "function_call" else "gsm8k",
         dispatch_version=4,
@@ -170,11 +170,40 @@ def test_deadletter_keeps_raw_fields() -> None:
 def test_decoded_float_fields_are_floats_even_when_sent_as_ints() -> None:
     m = msgpack.unpackb(make_prompt().sampling.to_bytes())
     m["temperature"] = 2
-    back = SamplingParams.from_bytes(msgpack.packb(m))
+    back = Sampling.from_bytes(msgpack.packb(m))
     assert back.temperature == 2.0 and isinstance(back.temperature, float)
 
 
 # ------------------------------------------------------------------------------------------------ encode-side checks
+
+
+SAMPLING_BUGS = {
+    "negative temperature": {"temperature": -1.0},
+    "top_p 0": {"top_p": 0.0},
+    "top_p nan": {"top_p": math.nan},
+    "top_k 0": {"top_k": 0},
+    "max_new_tokens 0": {"max_new_tokens": 0},
+    "bool as int": {"max_new_tokens": True},
+    "stop not str": {"stop": [1]},
+    "stop not a list": {"stop": "</s>"},
+    "empty stop string": {"stop": [""]},
+    "seed too big": {"seed": 2**70},
+}
+
+
+@pytest.mark.parametrize("fields", SAMPLING_BUGS.values(), ids=SAMPLING_BUGS.keys())
+def test_the_sampling_record_refuses_bad_values_when_built(fields: dict[str, Any]) -> None:
+    # The one sampling record is frozen and checks itself, so a bad one never reaches a backend or the wire.
+    with pytest.raises(ProtocolError):
+        Sampling(**fields)
+
+
+def test_the_sampling_record_allows_greedy_but_a_training_task_does_not() -> None:
+    assert Sampling(temperature=0.0).temperature == 0.0
+    task = make_prompt()
+    task.sampling = Sampling(temperature=0.0)
+    with pytest.raises(ProtocolError, match="temperature > 0"):
+        task.to_bytes()
 
 
 def _broken(tag: str, edit: Any) -> Any:
@@ -184,14 +213,7 @@ def _broken(tag: str, edit: Any) -> Any:
 
 
 ENCODE_BUGS = {
-    "temperature 0": ("sampling", lambda m: setattr(m, "temperature", 0.0)),
-    "top_p 0": ("sampling", lambda m: setattr(m, "top_p", 0.0)),
-    "top_p nan": ("sampling", lambda m: setattr(m, "top_p", math.nan)),
-    "top_k 0": ("sampling", lambda m: setattr(m, "top_k", 0)),
-    "max_new_tokens 0": ("sampling", lambda m: setattr(m, "max_new_tokens", 0)),
-    "bool as int": ("sampling", lambda m: setattr(m, "max_new_tokens", True)),
-    "stop not str": ("sampling", lambda m: setattr(m, "stop", [1])),
-    "seed too big": ("sampling", lambda m: setattr(m, "seed", 2**70)),
+    "training at temperature 0": ("prompt", lambda m: setattr(m, "sampling", Sampling(temperature=0.0))),
     "unknown task kind": ("prompt", lambda m: setattr(m, "task_kind", "poetry")),
     "empty prompt id": ("prompt", lambda m: setattr(m, "prompt_id", "")),
     "no messages": ("prompt", lambda m: setattr(m, "messages", [])),

@@ -10,9 +10,10 @@ import pytest
 from pydantic import ValidationError
 from torch.distributed.run import get_args_parser
 
+from runner.gpus import GpuLayout, count_gpus, plan_gpus, visible_gpus
+from runner.launcher import LaunchError, build_child_specs, launch
+from runner.supervisor import TORCHRUN_SHUTDOWN_S, ChildSpec
 from services.config import RunConfig, load_config
-from services.gpus import GpuLayout, count_gpus, plan_gpus, visible_gpus
-from services.launcher import TORCHRUN_SHUTDOWN_S, ChildSpec, LaunchError, build_child_specs, launch
 
 REPO = Path(__file__).resolve().parents[3]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

@@ -20,6 +20,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from services.config import ConfigError, read_yaml
+from services.contracts import MetricKey as K
+from services.contracts import RunFolder
 
 Rows = list[dict[str, Any]]
 
@@ -49,7 +51,7 @@ def read_metrics(path: Path) -> tuple[Rows, int]:
         except ValueError:
             bad += 1
             continue
-        step = row.get("step") if isinstance(row, dict) else None
+        step = row.get(K.STEP) if isinstance(row, dict) else None
         if isinstance(step, bool) or not isinstance(step, int | float):
             bad += 1
             continue
@@ -70,7 +72,7 @@ def series(rows: Rows, key: str) -> list[float]:
 
 
 def _steps(rows: Rows) -> list[float]:
-    return [float(row["step"]) for row in rows]
+    return [float(row[K.STEP]) for row in rows]
 
 
 def _has_data(values: Sequence[float]) -> bool:
@@ -96,18 +98,18 @@ def _lines(ax: Axes, rows: Rows, keys: Sequence[tuple[str, str]], ylabel: str) -
 
 
 def _draw_reward(fig: Figure, rows: Rows) -> None:
-    _lines(fig.subplots(), rows, [("reward_mean", "reward (mean R)"), ("accuracy", "accuracy")], "value")
+    _lines(fig.subplots(), rows, [(K.REWARD_MEAN, "reward (mean R)"), (K.ACCURACY, "accuracy")], "value")
 
 
 def _draw_perplexity(fig: Figure, rows: Rows) -> None:
-    _lines(fig.subplots(), rows, [("ppl_correct", "correct responses"), ("ppl_wrong", "wrong responses")],
+    _lines(fig.subplots(), rows, [(K.PPL_CORRECT, "correct responses"), (K.PPL_WRONG, "wrong responses")],
            "mean perplexity")  # fmt: skip
 
 
 def _draw_tau(fig: Figure, rows: Rows) -> None:
     ax = fig.subplots()
-    _lines(ax, rows, [("tau", "tau*")], "tau* (perplexity threshold)")
-    gate = series(rows, "gate_open_ratio")
+    _lines(ax, rows, [(K.TAU, "tau*")], "tau* (perplexity threshold)")
+    gate = series(rows, K.GATE_OPEN_RATIO)
     if _has_data(gate):
         twin = ax.twinx()
         twin.plot(_steps(rows), gate, color="tab:gray", linestyle="--", marker=".", label="gate open ratio")
@@ -136,8 +138,8 @@ def _draw_kinds(fig: Figure, rows: Rows) -> None:
 def _draw_reallocations(fig: Figure, rows: Rows) -> None:
     ax = fig.subplots()
     steps = _steps(rows)
-    up = [0.0 if math.isnan(v) else v for v in series(rows, "realloc_reward")]
-    down = [0.0 if math.isnan(v) else v for v in series(rows, "realloc_penalty")]
+    up = [0.0 if math.isnan(v) else v for v in series(rows, K.REALLOC_REWARD)]
+    down = [0.0 if math.isnan(v) else v for v in series(rows, K.REALLOC_PENALTY)]
     ax.bar([s - 0.2 for s in steps], up, width=0.4, label="reward (hard groups, exploration)", color="tab:green")
     ax.bar([s + 0.2 for s in steps], down, width=0.4, label="penalty (easy groups, exploitation)", color="tab:red")
     ax.set_xlabel("step")
@@ -147,13 +149,13 @@ def _draw_reallocations(fig: Figure, rows: Rows) -> None:
 
 
 def _draw_entropy(fig: Figure, rows: Rows) -> None:
-    _lines(fig.subplots(), rows, [("entropy", "mean token entropy")], "nats")
+    _lines(fig.subplots(), rows, [(K.ENTROPY, "mean token entropy")], "nats")
 
 
 def _draw_throughput(fig: Figure, rows: Rows) -> None:
     top, bottom = fig.subplots(2, 1, sharex=True)
-    _lines(top, rows, [("gen_tokens_per_s", "generated tokens/s")], "tokens/s")
-    _lines(bottom, rows, [("step_seconds", "step"), ("wait_seconds", "waiting for groups")], "seconds")
+    _lines(top, rows, [(K.GEN_TOKENS_PER_S, "generated tokens/s")], "tokens/s")
+    _lines(bottom, rows, [(K.STEP_SECONDS, "step"), (K.WAIT_SECONDS, "waiting for groups")], "seconds")
 
 
 PLOTS = (
@@ -215,15 +217,15 @@ def summary_rows(rows: Rows, config: dict[str, Any], bad_lines: int) -> list[tup
     """(label, value) pairs of the summary table."""
     out = [(key, _fmt(_get(config, key))) for key in CONFIG_HIGHLIGHTS]
     last = rows[-1] if rows else {}
-    acc0, acc1 = _first_last(rows, "accuracy")
-    rew0, rew1 = _first_last(rows, "reward_mean")
-    times = [v for v in series(rows, "time") if not math.isnan(v)]
-    elapsed = [v for v in series(rows, "elapsed_s") if not math.isnan(v)]
+    acc0, acc1 = _first_last(rows, K.ACCURACY)
+    rew0, rew1 = _first_last(rows, K.REWARD_MEAN)
+    times = [v for v in series(rows, K.TIME) if not math.isnan(v)]
+    elapsed = [v for v in series(rows, K.ELAPSED_S) if not math.isnan(v)]
     wall = (times[-1] - times[0]) if len(times) > 1 else (elapsed[-1] if elapsed else None)
-    used = sum(v for v in series(rows, "groups_used") if not math.isnan(v))
+    used = sum(v for v in series(rows, K.GROUPS_USED) if not math.isnan(v))
     out += [
         ("steps written", str(len(rows))),
-        ("last step", _fmt(last.get("step"))),
+        ("last step", _fmt(last.get(K.STEP))),
         ("accuracy: initial / final", f"{_fmt(acc0)} / {_fmt(acc1)}"),
         ("reward: initial / final", f"{_fmt(rew0)} / {_fmt(rew1)}"),
         ("groups used", _fmt(int(used))),
@@ -246,14 +248,14 @@ def summary_rows(rows: Rows, config: dict[str, Any], bad_lines: int) -> list[tup
 def _links(run_dir: Path) -> list[tuple[str, str]]:
     """(href relative to report/, label) for the metrics file, every log and every checkpoint."""
     links = []
-    if (run_dir / "metrics.jsonl").is_file():
+    if RunFolder(run_dir).metrics.is_file():
         links.append(("../metrics.jsonl", "metrics.jsonl"))
-    if (run_dir / "config.yaml").is_file():
+    if RunFolder(run_dir).config.is_file():
         links.append(("../config.yaml", "config.yaml (resolved, secrets masked)"))
-    logs = run_dir / "logs"
+    logs = RunFolder(run_dir).logs
     for path in sorted(logs.glob("*.log")) if logs.is_dir() else []:
         links.append((f"../logs/{path.name}", f"log: {path.name}"))
-    ckpts = run_dir / "checkpoints"
+    ckpts = RunFolder(run_dir).checkpoints
     for path in sorted(ckpts.iterdir()) if ckpts.is_dir() else []:
         if path.is_dir() and path.name.startswith("step-"):
             links.append((f"../checkpoints/{path.name}/", f"checkpoint: {path.name}"))
@@ -288,11 +290,11 @@ def render_html(run_name: str, summary: list[tuple[str, str]], images: list[Plot
 def build_report(run_dir: Path) -> Path:
     """Write ``<run_dir>/report/report.html`` and its PNG plots from metrics.jsonl and config.yaml; its path."""
     run_dir = Path(run_dir)
-    folder = run_dir / "report"
+    folder = RunFolder(run_dir).report
     folder.mkdir(parents=True, exist_ok=True)
-    rows, bad = read_metrics(run_dir / "metrics.jsonl")
+    rows, bad = read_metrics(RunFolder(run_dir).metrics)
     try:
-        config = read_yaml(run_dir / "config.yaml")
+        config = read_yaml(RunFolder(run_dir).config)
     except ConfigError:
         config = {}
     for stale in folder.glob("*.png"):  # plots of an earlier build that this one may not redraw

@@ -1,9 +1,9 @@
 """The comparison report of ``dipo experiment``: ``<out>/report/index.html``, ``summary.md``, ``summary.json`` and
 PNG plots, rebuilt from the run folders after every run (and by ``dipo experiment ... --report-only``).
 
-The numbers come from services/experiment_stats.py (its docstring defines the windows and intervals); this module
+The numbers come from runner/experiment/stats.py (its docstring defines the windows and intervals); this module
 only lays them out. Tables are built once and rendered twice, as HTML and as Markdown. The plots follow
-services/report.py: bare matplotlib Figures on the Agg canvas, one PNG each. A curve is the mean over an arm's seeds
+runner/report.py: bare matplotlib Figures on the Agg canvas, one PNG each. A curve is the mean over an arm's seeds
 with a band from the lowest to the highest seed, after a trailing moving average of ``max(1, S // 10)`` steps per
 seed; the late window is shaded. Nothing here fails on missing data: an empty series is drawn as "no data".
 """
@@ -22,8 +22,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from services.experiment import ExperimentPlan
-from services.experiment_stats import (
+from runner.experiment.plan import ExperimentPlan
+from runner.experiment.stats import (
     METRICS,
     REALLOCATIONS,
     Estimate,
@@ -35,6 +35,7 @@ from services.experiment_stats import (
     moving_average,
     window_bounds,
 )
+from services.contracts import MetricKey as K
 
 
 @dataclass
@@ -151,8 +152,8 @@ def alpha_table(plan: ExperimentPlan, summary: dict[str, Any]) -> Table:
                 f"{r['alpha']:g}",
                 "-" if r["mean_at_k"] is None else f"{_num(r['mean_at_k'])} {_ci(r['ci95_items'])}",
                 _est(r["seeds"]),
-                _est(r["accuracy"]),
-                _est(r["entropy"]),
+                _est(r[K.ACCURACY]),
+                _est(r[K.ENTROPY]),
                 _est(r["ppl_gap"]),
                 reallocations,
             ]
@@ -197,12 +198,12 @@ class Section:
 
 
 SECTIONS = (
-    Section("accuracy_reward.png", "Training accuracy and reward", ("accuracy", "reward_mean")),
+    Section("accuracy_reward.png", "Training accuracy and reward", (K.ACCURACY, K.REWARD_MEAN)),
     Section("entropy.png", "Policy entropy", ("entropy",)),
-    Section("group_kinds.png", "Share of easy / normal / hard groups", ("kind_easy", "kind_normal", "kind_hard")),
+    Section("group_kinds.png", "Share of easy / normal / hard groups", (K.KIND_EASY, K.KIND_NORMAL, K.KIND_HARD)),
     Section("reallocations.png", "Reallocations by direction (cumulative)", REALLOCATIONS, cumulative=True),
-    Section("tau_gate.png", "Perplexity threshold tau* and gate", ("tau", "gate_open_ratio")),
-    Section("perplexity.png", "Perplexity of correct and wrong responses", ("ppl_correct", "ppl_wrong", "ppl_gap")),
+    Section("tau_gate.png", "Perplexity threshold tau* and gate", (K.TAU, K.GATE_OPEN_RATIO)),
+    Section("perplexity.png", "Perplexity of correct and wrong responses", (K.PPL_CORRECT, K.PPL_WRONG, "ppl_gap")),
 )
 """The curve figures every report has (the metric sections)."""
 MECHANISM_SECTIONS = (
@@ -312,7 +313,7 @@ def draw_all(
     """Write every PNG into ``folder``; the figures in page order (the held-out bars first)."""
     for stale in folder.glob("*.png"):  # figures of an earlier build that this one may not redraw
         stale.unlink()
-    # a bare Figure renders with the Agg canvas and touches no pyplot global state (as in services/report.py)
+    # a bare Figure renders with the Agg canvas and touches no pyplot global state (as in runner/report.py)
     fig = Figure(figsize=(max(6.0, 1.3 * len(plan.arms) + 2), 4), layout="constrained")
     draw_heldout(fig, plan, summary)
     _save(fig, "Held-out accuracy", folder / "heldout.png")

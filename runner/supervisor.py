@@ -1,22 +1,17 @@
-"""``dipo run``: start Redis, the learner, the reward services and the rollout servers as child processes, and
-supervise them until training is done.
+"""Process supervision for ``dipo run`` and ``dipo chaos``: start children, restart crashed ones, stop them in order.
 
-The launcher never imports the components (they pull torch and vLLM, ``services`` must not): every component is a
-``sys.executable -m <package>`` child described by a :class:`ChildSpec`, which :class:`Supervisor` runs. Each child
-leads its own session, so a Ctrl-C on the terminal reaches only the launcher, which then stops the children in
-order: the learner first (it checkpoints), then the rollout servers, then the reward services, then Redis.
-Processes are signalled by pid (and by the process group each child leads), never by name. Children on CUDA get GPUs
-of their own (``services/gpus.py``); a learner on several GPUs runs under torchrun.
+Every child is a ``sys.executable -m <package>`` process described by a :class:`ChildSpec`. Each leads its own
+session, so a Ctrl-C on the terminal reaches only the launcher, which then stops the children by stop rank: the
+learner first (it checkpoints), then the rollout servers, then the reward services, then Redis. Processes are
+signalled by pid (and by the process group each child leads), never by name.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,11 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal
 
-from rich.console import Console
-
-from services.config import RunConfig, load_config, write_resolved_config
-from services.gpus import GpuLayout, GpuLayoutError, GpuLister, plan_gpus, visible_gpus
-from services.redis_server import LocalRedis, free_port
+from runner.redis_server import LocalRedis
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +52,6 @@ STOP_RANK_ROLLOUT = 1
 STOP_RANK_REWARD = 2
 
 ChildState = Literal["pending", "running", "restarting", "stopping", "exited", "stopped", "failed"]
-
-
-class LaunchError(RuntimeError):
-    """The run cannot start: its folder is in use, or a prerequisite is missing."""
 
 
 @dataclass(frozen=True)
@@ -369,230 +356,3 @@ class Supervisor:
                 signal.signal(sig, old)
 
         return restore
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the run
-
-
-def has_checkpoints(run_dir: Path) -> bool:
-    """Whether the run folder holds a learner checkpoint (a ``checkpoints/step-*`` folder or a ``latest`` file)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return False
-    return (root / "latest").is_file() or any(p.is_dir() and p.name.startswith("step-") for p in root.iterdir())
-
-
-def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
-    """Create the run folder; refuse one with checkpoints unless resuming; set aside a fresh run's leftovers."""
-    run_dir = cfg.resolved_run_dir
-    if has_checkpoints(run_dir) and not resume:
-        raise LaunchError(
-            f"{run_dir} already holds checkpoints of an earlier run: pass --resume to continue it, "
-            f"or choose another folder with --set run_dir=... (or another --set name=...)"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    leftovers = [run_dir / "metrics.jsonl", run_dir / "redis"]
-    if not resume and any(p.exists() for p in leftovers):
-        # an earlier attempt died before its first checkpoint: its streams and metrics would mix with this run's
-        aside = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.mkdir()
-        for path in leftovers:
-            if path.exists():
-                shutil.move(str(path), str(aside / path.name))
-        log.warning("moved the leftovers of an earlier attempt without checkpoints to %s", aside)
-    (run_dir / "logs").mkdir(exist_ok=True)
-    return run_dir
-
-
-def _thread_env(threads: int) -> dict[str, str]:
-    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-
-
-class _PortPicker:
-    """Distinct ports for the children: a configured port P gives replica i the port P + i, 0 a free one."""
-
-    def __init__(self, pick: Callable[[], int]) -> None:
-        self.pick = pick
-        self.used: set[int] = set()
-
-    def __call__(self, configured: int, index: int) -> int:
-        chosen = configured + index if configured else self.pick()
-        while not configured and chosen in self.used:
-            chosen = self.pick()
-        self.used.add(chosen)
-        return chosen
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# GPUs
-
-
-def _plan_gpus(cfg: RunConfig, list_gpus: GpuLister) -> GpuLayout:
-    try:
-        return plan_gpus(cfg, list_gpus)
-    except GpuLayoutError as exc:
-        raise LaunchError(str(exc)) from exc
-
-
-def torchrun_argv(python: str, nproc: int) -> list[str]:
-    """``torchrun`` on this node with ``nproc`` ranks, before its script (``-m learner``) and the script's arguments.
-
-    ``--standalone`` picks a free rendezvous port, so runs side by side do not collide. On SIGTERM torchrun signals
-    every rank; the learner's rank 0 checkpoints and then releases the others (they ignore the signal), and ranks
-    still running after ``TORCHRUN_SHUTDOWN_S`` are killed. Each rank dies with torchrun (``learner.distributed``),
-    so a SIGKILL of torchrun by the launcher leaves no rank behind.
-    """
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            f"--shutdown-timeout={TORCHRUN_SHUTDOWN_S}"]  # fmt: skip
-
-
-def _gpu_env(gpus: Sequence[str]) -> dict[str, str]:
-    return {"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the children
-
-
-def build_child_specs(
-    cfg: RunConfig,
-    config_path: Path | None,
-    overrides: Sequence[str],
-    *,
-    redis_url: str,
-    resume: bool = False,
-    python: str = sys.executable,
-    pick_port: Callable[[], int] = free_port,
-    gpus: GpuLayout | None = None,
-    list_gpus: GpuLister = visible_gpus,
-) -> list[ChildSpec]:
-    """The learner, ``reward.replicas`` reward services and ``rollout.workers`` rollout servers of a run.
-
-    ``gpus`` is the GPU layout; None plans it with :func:`plan_gpus` over the GPUs ``list_gpus`` returns.
-    """
-    layout = gpus if gpus is not None else _plan_gpus(cfg, list_gpus)
-    port = _PortPicker(pick_port)
-    common = [f"--config={Path(config_path).resolve()}"] if config_path is not None else []
-    for item in overrides:
-        common += ["--set", item]
-    env = {"PYTHONUNBUFFERED": "1", "DIPO_REDIS__URL": redis_url}
-    if cfg.redis.password:
-        env["DIPO_REDIS__PASSWORD"] = cfg.redis.password
-
-    learner_port = port(cfg.learner.server.port, 0)
-    launcher = torchrun_argv(python, len(layout.learner)) if len(layout.learner) > 1 else [python]
-    learner_argv = [*launcher, "-m", "learner", *common, "--set", f"learner.server.port={learner_port}"]
-    specs = [
-        ChildSpec(
-            "learner",
-            learner_argv + (["--resume"] if resume else []),
-            env | _thread_env(cfg.learner.torch_threads) | _gpu_env(layout.learner),
-            RestartPolicy(restart_argv=tuple(learner_argv + ["--resume"])),
-            primary=True,
-            stop_rank=STOP_RANK_LEARNER,
-            stop_grace_s=LEARNER_STOP_GRACE_S,
-        )
-    ]
-    for package, section, count, threads, rank in (
-        ("reward_service", "reward", cfg.reward.replicas, 1, STOP_RANK_REWARD),
-        ("rollout_server", "rollout", cfg.rollout.workers, cfg.rollout.torch_threads, STOP_RANK_ROLLOUT),
-    ):
-        configured = cfg.reward.server.port if section == "reward" else cfg.rollout.server.port
-        for i in range(count):
-            name = f"{section}-{i}"
-            argv = [python, "-m", package, *common, "--set", f"{section}.server.port={port(configured, i)}",
-                    f"--port-file={cfg.resolved_run_dir / 'ports' / f'{name}.port'}"]  # fmt: skip
-            gpu = _gpu_env(layout.rollout[i : i + 1]) if section == "rollout" else {}
-            specs.append(ChildSpec(name, argv, env | _thread_env(threads) | gpu, RestartPolicy(), stop_rank=rank))
-    return specs
-
-
-def _start_redis(cfg: RunConfig, run_dir: Path) -> LocalRedis | None:
-    if cfg.redis.url is not None:
-        return None
-    try:
-        server = LocalRedis(run_dir / "redis", appendfsync=cfg.redis.appendfsync, password=cfg.redis.password)
-    except FileNotFoundError as exc:
-        raise LaunchError(f"{exc}, or set redis.url to a running server") from exc
-    try:
-        return server.start()
-    except (RuntimeError, TimeoutError) as exc:
-        raise LaunchError(f"the local redis-server did not start ({exc}); see {server.log_path}") from exc
-
-
-def launch(
-    config_path: Path,
-    overrides: Sequence[str] = (),
-    *,
-    resume: bool = False,
-    panel: bool = True,
-    console: Console | None = None,
-) -> int:
-    """Run a whole training job locally; returns 0 when training finished, non-zero otherwise."""
-    from services.log import setup_logging
-
-    console = console or Console()
-    cfg = load_config(config_path, overrides)
-    setup_logging(cfg.log_level, "launcher")
-    run_dir = prepare_run_dir(cfg, resume=resume)
-    _log_to_file(run_dir / "logs" / "launcher.log")
-    gpus = _plan_gpus(cfg, visible_gpus)  # before Redis: a node without enough GPUs fails at once
-    if gpus.learner or gpus.rollout:
-        log.info("GPU layout: %s", gpus.describe())
-    redis_server = _start_redis(cfg, run_dir)
-    try:
-        redis_url = redis_server.url if redis_server is not None else str(cfg.redis.url)
-        cfg.redis.url = redis_url
-        write_resolved_config(cfg, run_dir)
-        specs = build_child_specs(cfg, config_path, overrides, redis_url=redis_url, resume=resume, gpus=gpus)
-        supervisor = Supervisor(specs, run_dir / "logs", redis=redis_server)
-        code = _supervise(supervisor, cfg, run_dir, console, live=panel and console.is_terminal)
-    finally:
-        if redis_server is not None and redis_server.is_running():
-            redis_server.stop()  # only reached running when the supervisor never got to stop it
-    _final_report(run_dir, console)
-    _print_outcome(console, code, supervisor.statuses())
-    return code
-
-
-def _log_to_file(path: Path) -> None:
-    """Also write the launcher's log to the run folder (known only once the folder is accepted)."""
-    root = logging.getLogger()
-    handler = logging.FileHandler(path)
-    if root.handlers:
-        handler.setFormatter(root.handlers[0].formatter)
-    root.addHandler(handler)
-
-
-def _supervise(supervisor: Supervisor, cfg: RunConfig, run_dir: Path, console: Console, *, live: bool) -> int:
-    from services.panel import RunMonitor, open_display, route_logging_to
-
-    restore = supervisor.install_signal_handlers()
-    monitor = RunMonitor(run_dir, cfg, str(cfg.redis.url), supervisor.statuses)
-    log.info("run %s in %s: %d children", cfg.name, run_dir, len(supervisor.children))
-    try:
-        if live:
-            route_logging_to(console)  # plain stderr lines would tear the live panel
-        with open_display(monitor, console, live=live) as display:
-            return supervisor.run(on_tick=display.tick)
-    finally:
-        restore()
-        monitor.close()
-
-
-def _final_report(run_dir: Path, console: Console) -> None:
-    from services.report import build_report
-
-    try:
-        path = build_report(run_dir)
-    except Exception:  # a broken plot must not hide the run's outcome; the error is in the launcher log
-        log.exception("could not build the report; rebuild it with `dipo report %s`", run_dir)
-        return
-    console.print(f"report: {path}")
-
-
-def _print_outcome(console: Console, code: int, statuses: list[ChildStatus]) -> None:
-    words: dict[int, str] = {EXIT_DONE: "training finished", EXIT_INTERRUPTED: "interrupted", EXIT_FAILED: "failed"}
-    restarts = ", ".join(f"{s.name} x{s.restarts}" for s in statuses if s.restarts) or "none"
-    console.print(f"dipo run: {words.get(code, f'exit {code}')} (exit code {code}); restarts: {restarts}")

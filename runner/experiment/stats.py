@@ -1,9 +1,9 @@
 """What an experiment's report states, computed from its run folders: curves, windows, intervals, checks.
 
-The inputs are each planned run's ``metrics.jsonl`` (read with services/report.py's reader: the last line written
+The inputs are each planned run's ``metrics.jsonl`` (read with runner/report.py's reader: the last line written
 for a step wins) and its ``eval.json``. A run that has not started, failed, or has no evaluation yet contributes
 what it has. ``build_summary`` returns one JSON-able mapping, written as ``summary.json`` and rendered by
-services/experiment_report.py. The definitions (docs/EXPERIMENTS.md explains them at more length):
+runner/experiment/report.py. The definitions (docs/EXPERIMENTS.md explains them at more length):
 
 - Steps are the planned ``learner.steps`` S. The *late window* is the last ``ceil(S * late_fraction)`` steps (the
   last third by default), the *early window* the first as many. A run's value over a window is the mean of its
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from services.experiment import (
+from runner.experiment.plan import (
     DONE_FILE,
     FAILED_FILE,
     ExperimentPlan,
@@ -40,23 +40,25 @@ from services.experiment import (
     read_eval,
     run_eval_args,
 )
-from services.report import read_metrics, series
+from runner.report import read_metrics, series
+from services.contracts import MetricKey as K
+from services.contracts import RunFolder
 from services.stats import bootstrap_ci
 
 SCHEMA_VERSION = 1
 METRICS: dict[str, str] = {
-    "accuracy": "training accuracy (used groups)",
-    "reward_mean": "reward (mean R, used groups)",
-    "entropy": "policy entropy (nats/token)",
-    "kind_easy": "share of easy groups",
-    "kind_normal": "share of normal groups",
-    "kind_hard": "share of hard groups",
-    "realloc_reward": "reallocations: reward (hard groups) per step",
-    "realloc_penalty": "reallocations: penalty (easy groups) per step",
-    "tau": "tau* (perplexity threshold)",
-    "gate_open_ratio": "gate open ratio",
-    "ppl_correct": "perplexity of correct responses",
-    "ppl_wrong": "perplexity of wrong responses",
+    K.ACCURACY: "training accuracy (used groups)",
+    K.REWARD_MEAN: "reward (mean R, used groups)",
+    K.ENTROPY: "policy entropy (nats/token)",
+    K.KIND_EASY: "share of easy groups",
+    K.KIND_NORMAL: "share of normal groups",
+    K.KIND_HARD: "share of hard groups",
+    K.REALLOC_REWARD: "reallocations: reward (hard groups) per step",
+    K.REALLOC_PENALTY: "reallocations: penalty (easy groups) per step",
+    K.TAU: "tau* (perplexity threshold)",
+    K.GATE_OPEN_RATIO: "gate open ratio",
+    K.PPL_CORRECT: "perplexity of correct responses",
+    K.PPL_WRONG: "perplexity of wrong responses",
     "ppl_gap": "perplexity gap (wrong - correct)",
 }
 """Every per-step metric of the report: metrics.jsonl keys (docs/METRICS.md), plus ppl_gap = ppl_wrong - ppl_correct."""
@@ -191,9 +193,9 @@ def run_status(run: PlannedRun, steps_logged: int) -> str:
 
 def load_run(run: PlannedRun, plan: ExperimentPlan) -> RunData:
     """Read one run's metrics of steps 1..S and its evaluation, if it matches the plan's evaluation settings."""
-    rows, _ = read_metrics(run.run_dir / "metrics.jsonl")
-    rows = [row for row in rows if 1 <= int(row["step"]) <= plan.steps]
-    index = [int(row["step"]) - 1 for row in rows]
+    rows, _ = read_metrics(RunFolder(run.run_dir).metrics)
+    rows = [row for row in rows if 1 <= int(row[K.STEP]) <= plan.steps]
+    index = [int(row[K.STEP]) - 1 for row in rows]
     columns = {key: np.array(series(rows, key), dtype=np.float64) for key in METRICS if key != "ppl_gap"}
     columns["ppl_gap"] = columns["ppl_wrong"] - columns["ppl_correct"]
     curves = {}

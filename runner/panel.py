@@ -24,11 +24,12 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from runner.supervisor import ChildStatus
 from services.config import RunConfig
-from services.launcher import ChildStatus
-from services.streams import DEADLETTER, POLICY, PROMPTS, ROLLOUTS, SCORED, connect_sync, run_key
+from services.contracts import POLICY, WORK_STREAMS, PolicyField, RunFolder
+from services.contracts import MetricKey as K
+from services.streams import connect_sync, run_key
 
-WORK_STREAMS = (PROMPTS, ROLLOUTS, SCORED, DEADLETTER)
 _REDIS_TIMEOUT_S = 1.0  # the panel must never stall the supervision loop for long
 _STATE_STYLE = {"running": "green", "restarting": "yellow", "stopping": "yellow", "failed": "red"}
 
@@ -115,7 +116,7 @@ class Snapshot:
     @property
     def step(self) -> int:
         """The last step written to metrics.jsonl (0 before the first)."""
-        value = num(self.last, "step")
+        value = num(self.last, K.STEP)
         return int(value) if value is not None else 0
 
     @property
@@ -136,7 +137,7 @@ class RunMonitor:
         redis_url: str | None,
         children: Callable[[], list[ChildStatus]] = list,
     ) -> None:
-        self.tail = MetricsTail(Path(run_dir) / "metrics.jsonl")
+        self.tail = MetricsTail(RunFolder(Path(run_dir)).metrics)
         self.run = cfg.name
         self.total_steps = cfg.learner.steps
         self.children = children
@@ -156,9 +157,9 @@ class RunMonitor:
         """Read what changed since the last snapshot."""
         rows = self.tail.read_new()
         for row in rows:
-            self.realloc[0] += num(row, "realloc_reward") or 0.0
-            self.realloc[1] += num(row, "realloc_penalty") or 0.0
-            step, at = num(row, "step"), num(row, "time")
+            self.realloc[0] += num(row, K.REALLOC_REWARD) or 0.0
+            self.realloc[1] += num(row, K.REALLOC_PENALTY) or 0.0
+            step, at = num(row, K.STEP), num(row, K.TIME)
             if step is not None and at is not None and self._first_seen is None:
                 self._first_seen = (step, at)
         if rows:
@@ -169,10 +170,10 @@ class RunMonitor:
         return snap
 
     def _rate(self) -> float | None:
-        step, at = num(self.last, "step"), num(self.last, "time")
+        step, at = num(self.last, K.STEP), num(self.last, K.TIME)
         if self._first_seen is not None and step is not None and at is not None and at > self._first_seen[1]:
             return (step - self._first_seen[0]) / (at - self._first_seen[1])
-        elapsed = num(self.last, "elapsed_s")  # one line seen so far: the learner's own clock
+        elapsed = num(self.last, K.ELAPSED_S)  # one line seen so far: the learner's own clock
         return step / elapsed if step and elapsed else None
 
     def _read_redis(self, snap: Snapshot) -> None:
@@ -212,17 +213,17 @@ def _training_table(snap: Snapshot) -> Table:
     for _ in range(4):
         table.add_column(style="bold")
         table.add_column()
-    version = snap.policy.get("version") or fmt(num(row, "version"), ".0f")
+    version = snap.policy.get(PolicyField.VERSION) or fmt(num(row, K.VERSION), ".0f")
     kinds = "/".join(fmt(num(row, f"kind_{k}"), ".2f") for k in ("easy", "normal", "hard"))
     staleness = f"{fmt(num(row, 'staleness_mean'), '.2f')} (max {fmt(num(row, 'staleness_max'), '.0f')})"
     table.add_row("step", f"{snap.step} / {snap.total_steps}", "version", version,
-                  "status", snap.policy.get("status", "-"), "ETA", fmt_duration(snap.eta_s))  # fmt: skip
-    table.add_row("reward", fmt(num(row, "reward_mean")), "accuracy", fmt(num(row, "accuracy")),
-                  "tau*", fmt(num(row, "tau")), "gate open", fmt(num(row, "gate_open_ratio"), ".2f"))  # fmt: skip
+                  "status", snap.policy.get(PolicyField.STATUS, "-"), "ETA", fmt_duration(snap.eta_s))  # fmt: skip
+    table.add_row("reward", fmt(num(row, K.REWARD_MEAN)), "accuracy", fmt(num(row, K.ACCURACY)),
+                  "tau*", fmt(num(row, K.TAU)), "gate open", fmt(num(row, K.GATE_OPEN_RATIO), ".2f"))  # fmt: skip
     table.add_row("easy/normal/hard", kinds, "realloc +/-",
                   f"{fmt(num(row, 'realloc_reward'), '.0f')}/{fmt(num(row, 'realloc_penalty'), '.0f')} "
                   f"(total {snap.realloc_reward_total:.0f}/{snap.realloc_penalty_total:.0f})",
-                  "staleness", staleness, "tokens/s", fmt(num(row, "gen_tokens_per_s"), ".1f"))  # fmt: skip
+                  "staleness", staleness, "tokens/s", fmt(num(row, K.GEN_TOKENS_PER_S), ".1f"))  # fmt: skip
     return table
 
 

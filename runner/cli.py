@@ -54,7 +54,7 @@ def redis_cmd(
     data_dir: Annotated[Path | None, typer.Option(help="Folder for the AOF (default: a temporary one).")] = None,
 ) -> None:
     """Start a local redis-server on a free port and print its URL until Ctrl-C."""
-    from services.redis_server import LocalRedis
+    from runner.redis_server import LocalRedis
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -79,7 +79,7 @@ def run_cmd(
     ] = False,
 ) -> None:
     """Train: start Redis, the learner, reward services and rollout servers, supervise them, write the report."""
-    from services.launcher import LaunchError, launch
+    from runner.launcher import LaunchError, launch
 
     try:
         code = launch(config, overrides or [], resume=resume, panel=not no_panel, console=console)
@@ -117,7 +117,7 @@ def chaos_cmd(
     """
     import json
 
-    from services.chaos import ChaosPlan, parse_appendfsync, parse_targets, run_chaos
+    from runner.chaos import ChaosPlan, parse_appendfsync, parse_targets, run_chaos
 
     try:
         low, high = (float(x) for x in gap.split(","))
@@ -144,7 +144,7 @@ def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (holds metrics.jsonl).", exists=True, file_okay=False)],
 ) -> None:
     """(Re)build <run_dir>/report/report.html and its plots from metrics.jsonl."""
-    from services.report import build_report
+    from runner.report import build_report
 
     console.print(f"report: {build_report(run_dir)}")
 
@@ -171,9 +171,9 @@ def experiment_cmd(
     report_only: Annotated[bool, typer.Option("--report-only", help="Only rebuild the comparison report.")] = False,
 ) -> None:
     """Train every arm x seed under identical conditions, evaluate each, and compare them (docs/EXPERIMENTS.md)."""
-    from services.experiment import EvalSettings, build_plan, run_experiment
-    from services.experiment_report import build_experiment_report
-    from services.launcher import LaunchError
+    from runner.experiment.plan import EvalSettings, build_plan, run_experiment
+    from runner.experiment.report import build_experiment_report
+    from runner.launcher import LaunchError
 
     settings = EvalSettings(eval_items, eval_samples, eval_seed, eval_data, eval_threads, eval_batch_prompts)
     try:
@@ -212,7 +212,7 @@ def eval_cmd(ctx: typer.Context) -> None:
 
 
 def main() -> None:
-    """Entry point of `python -m services.cli`."""
+    """Entry point of `python -m runner.cli`."""
     app()
 
 

@@ -40,17 +40,13 @@ from typing import Any, Literal, cast
 
 import redis
 
+from runner.launcher import build_child_specs, prepare_run_dir
+from runner.redis_server import LocalRedis
+from runner.supervisor import RestartPolicy, Supervisor, _Child
 from services.config import RunConfig, load_config, write_resolved_config
-from services.launcher import (
-    RestartPolicy,
-    Supervisor,
-    _Child,
-    build_child_specs,
-    prepare_run_dir,
-)
-from services.ledger import LEDGER_FILE, check_ledger, dead_letter_prompt_id, entry_prompt_id, read_ledger
-from services.redis_server import LocalRedis
-from services.streams import DEADLETTER, POLICY, PROMPTS, ROLLOUTS, SCORED, run_key
+from services.contracts import DEADLETTER, POLICY, PROMPTS, ROLLOUTS, SCORED, PolicyField, RunFolder
+from services.ledger import check_ledger, dead_letter_prompt_id, entry_prompt_id, read_ledger
+from services.streams import run_key
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +81,7 @@ def parse_appendfsync(text: str) -> Literal["always", "everysec"]:
 
 MOMENT_PHASES: dict[str, str] = {"broadcast": "sync", "checkpoint": "checkpoint"}
 """The learner phase (policy hash field ``phase``) in which each moment's kill lands."""
-PHASE = "phase"
+
 AIM_POLL_S = 0.3
 CHAOS_RESTARTS = RestartPolicy(max_restarts=100_000, backoff_base_s=0.5, backoff_max_s=2.0)
 
@@ -156,7 +152,7 @@ class ChaosController:
         self.version_regressions: list[tuple[int, int]] = []
         self.failure: str | None = None
         self.started = time.monotonic()
-        self._metrics = run_dir / "metrics.jsonl"
+        self._metrics = RunFolder(run_dir).metrics
         self._metrics_offset = 0
         self._steps_done = 0  # metrics lines seen (one per optimizer step, redone steps included)
         self._last_step_at = 0.0
@@ -243,14 +239,14 @@ class ChaosController:
         broadcast of a small model lasts well under the supervisor's tick."""
         wanted = MOMENT_PHASES.get(self._moment)
         if wanted is None:
-            self._kill(self._moment, self._policy().get(PHASE, ""))
+            self._kill(self._moment, self._policy().get(PolicyField.PHASE, ""))
             return
         key = run_key(self.cfg.name, POLICY)
         until = time.monotonic() + AIM_POLL_S
         phase = ""
         while time.monotonic() < until:
             try:
-                raw = self.client.hget(key, PHASE)
+                raw = self.client.hget(key, PolicyField.PHASE)
             except redis.RedisError:
                 return
             phase = raw.decode() if isinstance(raw, bytes) else ""
@@ -357,7 +353,7 @@ class ChaosController:
 
     def summary(self, checkpoint: dict[str, Any], duration_s: float) -> dict[str, Any]:
         """Audit the run and describe it (kills, recoveries, the ledger accounting, problems)."""
-        ledger = read_ledger(self.run_dir / LEDGER_FILE)
+        ledger = read_ledger(RunFolder(self.run_dir).ledger)
         check = check_ledger(
             ledger,
             dead_lettered=self.dead_lettered_prompt_ids(),
@@ -425,7 +421,7 @@ def _spread(values: Sequence[float]) -> dict[str, float] | None:
 
 def verify_final_checkpoint(run_dir: Path) -> dict[str, Any]:
     """Run ``python -m learner.verify`` on the newest checkpoint (in a child: it needs torch)."""
-    root = run_dir / "checkpoints"
+    root = RunFolder(run_dir).checkpoints
     latest = root / "latest"
     if not latest.is_file():
         return {"error": "no checkpoint was written"}
@@ -459,7 +455,7 @@ def run_chaos(config_path: Path | None, overrides: Sequence[str], plan: ChaosPla
     prepare_run_dir(cfg, resume=False)
     out = run_dir / "chaos"
     out.mkdir(exist_ok=True)
-    server = LocalRedis(run_dir / "redis", appendfsync=plan.appendfsync, password=cfg.redis.password).start()
+    server = LocalRedis(RunFolder(run_dir).redis, appendfsync=plan.appendfsync, password=cfg.redis.password).start()
     started = time.monotonic()
     controller: ChaosController | None = None
     try:
@@ -473,7 +469,7 @@ def run_chaos(config_path: Path | None, overrides: Sequence[str], plan: ChaosPla
             for spec in build_child_specs(cfg, config_path, all_overrides, redis_url=server.url)
         ]
         # The runner, not the supervisor, owns Redis: it restarts it after a kill and audits it after the run.
-        supervisor = Supervisor(specs, run_dir / "logs", redis=None)
+        supervisor = Supervisor(specs, RunFolder(run_dir).logs, redis=None)
         controller = ChaosController(plan, supervisor, server, cfg, run_dir)
         restore = supervisor.install_signal_handlers()
         try:

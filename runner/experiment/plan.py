@@ -14,7 +14,7 @@ whose record differs from the plan is refused, so an edited config never silentl
 After training, the final checkpoint is evaluated by ``python -m evaluation`` (a subprocess: it loads torch, this
 process does not) on the held-out set of the run's own config, which is the same for every run; the result is cached
 as ``eval.json`` beside ``eval.args.json``, the arguments it was made with, and redone only when those change. The
-base model is evaluated once the same way (``<out>/baseline``). The comparison report (services/experiment_report.py)
+base model is evaluated once the same way (``<out>/baseline``). The comparison report (runner/experiment/report.py)
 is rebuilt after every run, so a long experiment can be read while it runs. docs/EXPERIMENTS.md is the user guide.
 """
 
@@ -36,8 +36,10 @@ from typing import Any, Literal
 
 from rich.console import Console
 
+from runner.launcher import has_checkpoints, launch
+from runner.supervisor import EXIT_INTERRUPTED
 from services.config import RunConfig, dump_config, load_config, write_resolved_config
-from services.launcher import EXIT_INTERRUPTED, has_checkpoints, launch
+from services.contracts import RunFolder
 
 DONE_FILE = "done"
 FAILED_FILE = "failed"
@@ -223,7 +225,7 @@ class PlannedRun:
 
     def final_checkpoint(self, steps: int) -> Path:
         """Folder of the checkpoint the learner writes after its last step."""
-        return self.run_dir / "checkpoints" / f"step-{steps:06d}"
+        return RunFolder(self.run_dir).checkpoints / f"step-{steps:06d}"
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,7 @@ class ExperimentPlan:
     @property
     def report_dir(self) -> Path:
         """``<out>/report``."""
-        return self.out / "report"
+        return RunFolder(self.out).report
 
     @property
     def baseline_dir(self) -> Path:
@@ -421,12 +423,12 @@ def read_eval(folder: Path, args: Sequence[str]) -> dict[str, Any] | None:
 
 def run_eval_args(run: PlannedRun, plan: ExperimentPlan) -> list[str]:
     """The evaluation arguments of a run's final checkpoint."""
-    return plan.eval.args(str(run.final_checkpoint(plan.steps)), run.run_dir / "config.yaml")
+    return plan.eval.args(str(run.final_checkpoint(plan.steps)), RunFolder(run.run_dir).config)
 
 
 def baseline_eval_args(plan: ExperimentPlan) -> list[str]:
     """The evaluation arguments of the base model."""
-    return plan.eval.args(plan.base_model, plan.baseline_dir / "config.yaml")
+    return plan.eval.args(plan.base_model, RunFolder(plan.baseline_dir).config)
 
 
 def evaluate_model(args: list[str], folder: Path, settings: EvalSettings, console: Console) -> Path:
@@ -437,7 +439,7 @@ def evaluate_model(args: list[str], folder: Path, settings: EvalSettings, consol
         console.print(f"evaluation of {model}: cached in {result}")
         return result
     tmp = folder / (EVAL_FILE + ".tmp")
-    log_path = folder / "logs" / "eval.log"
+    log_path = RunFolder(folder).logs / "eval.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"evaluating {model}: {settings.items} items x {settings.samples} samples")
     argv = [sys.executable, "-m", "evaluation", *args, "--out", str(tmp), "--no-progress"]
@@ -482,16 +484,16 @@ def run_experiment(
     """Train and evaluate every planned run that is not done yet, rebuilding the report after each; an exit code.
 
     0: every run trained and evaluated; 1: some failed (the others went on; re-running retries them);
-    130: interrupted (re-running continues). ``launch_run`` (``services.launcher.launch``) and ``report``
+    130: interrupted (re-running continues). ``launch_run`` (``runner.launcher.launch``) and ``report``
     (``build_experiment_report``) are parameters so that tests of the bookkeeping can stand in for them.
     """
     if report is None:
-        from services.experiment_report import build_experiment_report
+        from runner.experiment.report import build_experiment_report
 
         report = build_experiment_report
     plan.out.mkdir(parents=True, exist_ok=True)
     _write_json(plan.out / PLAN_FILE, plan.to_dict())
-    (plan.out / "config.yaml").write_text(dump_config(load_config(plan.config, plan.overrides)))
+    RunFolder(plan.out).config.write_text(dump_config(load_config(plan.config, plan.overrides)))
     failures: list[str] = []
     if plan.baseline:
         try:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from matplotlib.image import imread
 
+from runner.report import PLOTS, build_report, read_metrics, series, summary_rows
 from services.config import RunConfig, write_resolved_config
-from services.report import PLOTS, build_report, read_metrics, series, summary_rows
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -17,9 +17,8 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from services.cli import app
-from services.config import load_config
-from services.experiment import (
+from runner.cli import app
+from runner.experiment.plan import (
     DONE_FILE,
     EVAL_ARGS_FILE,
     EVAL_FILE,
@@ -39,8 +38,8 @@ from services.experiment import (
     run_experiment,
     run_state,
 )
-from services.experiment_report import SECTIONS, build_experiment_report
-from services.experiment_stats import (
+from runner.experiment.report import SECTIONS, build_experiment_report
+from runner.experiment.stats import (
     METRICS,
     build_summary,
     estimate,
@@ -50,6 +49,7 @@ from services.experiment_stats import (
     window_bounds,
     window_mean,
 )
+from services.config import load_config
 
 REPO = Path(__file__).resolve().parents[3]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
