@@ -1,8 +1,9 @@
 # Every target sets up what it needs first (scripts/setup.sh is idempotent and fast when nothing is missing).
 PY := .venv/bin/python
 PYTEST_ARGS ?=
+BENCH_TRL_ARGS ?=
 
-.PHONY: setup run test test-all test-slow lint format bench chaos clean
+.PHONY: setup run test test-all test-slow lint format bench bench-trl chaos clean
 
 setup:
 	@bash scripts/setup.sh
@@ -30,8 +31,15 @@ format: setup
 
 bench: setup
 	@mkdir -p bench/results
-	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+	@for script in bench/bench_*.py; do [ "$$script" = bench/bench_trl.py ] && continue; echo "== $$script"; $(PY) $$script || exit 1; done
 	@echo "results in bench/results/"
+
+# TRL's GRPOTrainer against `dipo run` on the quick-start workload, run alternately; writes bench/results/vs_trl.json.
+# Long, so `bench` skips it: the default 8 steps x 1 round take about 10-12 min on an idle 2-core machine (each round
+# adds as much; the TRL venv, .venv-trl via scripts/setup_trl.sh, takes ~2 min the first time).
+# BENCH_TRL_ARGS adds options, e.g. BENCH_TRL_ARGS="--steps 8 --rounds 2".
+bench-trl: setup
+	$(PY) bench/bench_trl.py $(BENCH_TRL_ARGS)
 
 # 100 SIGKILLs of rollout servers, reward replicas, the learner and Redis during a quick-start run, then the audit
 # (<run_dir>/chaos/summary.json). CHAOS_ARGS adds options, e.g. CHAOS_ARGS="--appendfsync everysec".
