@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from services.modeling.weight_sync import (
     broadcast,
     checksum,
     checksum_for,
+    fingerprint,
     get_json,
     is_loopback,
     new_group,
@@ -60,11 +62,13 @@ class BroadcastReport:
     version: int
     round: int
     receivers: tuple[str, ...]
-    """Members that acknowledged the new weights as applied."""
+    """Members that acknowledged receipt of the new weights (verified and staged; they swap them in next)."""
     dropped: dict[str, str] = field(default_factory=dict)
     """Members removed from the group in this round, with the reason."""
     bytes: int = 0
     seconds: float = 0.0
+    fingerprint: str = ""
+    """``v{version}:{digest}`` of the weights sent (computed even when no receiver took part)."""
 
 
 class WeightBroadcaster:
@@ -104,6 +108,7 @@ class WeightBroadcaster:
         self._events_seen = 0
         self._round = 0
         self._slots: list[torch.Tensor] = []  # two packing buffers, kept between rounds
+        self._round_lock = threading.Lock()
         if publish is not None:
             publish({PolicyField.SYNC_ENDPOINT: self.endpoint})
 
@@ -122,16 +127,23 @@ class WeightBroadcaster:
             time.sleep(0.05)
 
     def broadcast(self, named_params: Iterable[tuple[str, torch.Tensor]], version: int) -> BroadcastReport:
-        """Send one version to every registered receiver; members that fail or stay silent are dropped."""
+        """Send one version to every registered receiver; members that fail or stay silent are dropped.
+
+        Thread-safe: rounds from two threads (a publication and the serving of late joiners) run one after the other.
+        """
+        with self._round_lock:
+            return self._broadcast(list(named_params), version)
+
+    def _broadcast(self, named: list[tuple[str, torch.Tensor]], version: int) -> BroadcastReport:
         store = self._require_store()
         start = time.monotonic()
-        named = list(named_params)
         if not named:
             raise ValueError("broadcast() needs at least one tensor")
         layout = plan_buckets(named, self.bucket_bytes)  # unsupported dtypes fail here, before any round starts
         self._read_events()
         if not self._members:
-            return BroadcastReport(version, self._round, (), {}, 0, time.monotonic() - start)
+            fp = self.fingerprint(named, version, layout)
+            return BroadcastReport(version, self._round, (), {}, 0, time.monotonic() - start, fp)
         self._round += 1
         rnd, members = self._round, list(self._members)
         put_json(store, Keys.invite(rnd), {"version": version, "members": members})
@@ -141,11 +153,13 @@ class WeightBroadcaster:
         roster = [m for m in members if Keys.ready(rnd, m) in ready]
         dropped = {m: "not ready within the timeout" for m in members if m not in roster}
         put_json(store, Keys.roster(rnd), roster)
-        sent = 0
+        sent, fp = 0, ""
         acked: list[str] = []
         if roster:
-            sent, acked, failed = self._run_round(rnd, version, named, layout, roster)
+            sent, fp, acked, failed = self._run_round(rnd, version, named, layout, roster)
             dropped.update(failed)
+        if not fp:  # nobody took part, or the collective failed before the trailer
+            fp = self.fingerprint(named, version, layout)
         self._members = [m for m in self._members if m not in dropped]
         seconds = time.monotonic() - start
         if dropped:
@@ -154,7 +168,34 @@ class WeightBroadcaster:
             "weight sync round %d: v%d to %d receivers, %d bytes in %.3fs", rnd, version, len(acked), sent, seconds
         )
         self._served.update(acked)
-        return BroadcastReport(version, rnd, tuple(acked), dropped, sent, seconds)
+        return BroadcastReport(version, rnd, tuple(acked), dropped, sent, seconds, fp)
+
+    def fingerprint(
+        self,
+        named: Sequence[tuple[str, torch.Tensor]],
+        version: int,
+        layout: tuple[list[int], list[TensorEntry]] | None = None,
+    ) -> str:
+        """The fingerprint a broadcast of ``named`` as ``version`` would carry, computed without sending."""
+        sizes, entries = layout or plan_buckets(named, self.bucket_bytes)
+        algo = checksum_for(self.device)
+        tensors = dict(named)
+        by_bucket: list[list[TensorEntry]] = [[] for _ in sizes]
+        for entry in entries:
+            by_bucket[entry.bucket].append(entry)
+        self._ensure_slots(max(sizes))
+        sums = []
+        for k, size in enumerate(sizes):
+            buf = self._slots[0][:size]
+            pack_bucket(buf, by_bucket[k], tensors)
+            sums.append(checksum(buf, algo))
+        return fingerprint(Manifest(version, 0, algo, tuple(sizes), tuple(entries)), sums)
+
+    def _ensure_slots(self, size: int) -> None:
+        """Two packing buffers of at least ``size`` bytes, kept between rounds."""
+        if not self._slots or self._slots[0].numel() < size:
+            self._slots = []
+            self._slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
 
     def unserved_members(self) -> list[str]:
         """Receivers that joined but have not yet acknowledged a round: they hold whatever weights they loaded
@@ -194,16 +235,16 @@ class WeightBroadcaster:
         named: Sequence[tuple[str, torch.Tensor]],
         layout: tuple[list[int], list[TensorEntry]],
         roster: list[str],
-    ) -> tuple[int, list[str], dict[str, str]]:
-        """Form the round's group, send, then collect acks; returns bytes sent, acked members, failures."""
+    ) -> tuple[int, str, list[str], dict[str, str]]:
+        """Form the round's group, send, then collect acks; returns bytes sent, fingerprint, acked members, failures."""
         store = self._require_store()
         group = None
-        sent = 0
+        sent, fp = 0, ""
         error = ""
         try:
             prefix = dist.PrefixStore(Keys.group_prefix(rnd), store)
             group = new_group(self.backend, prefix, 0, len(roster) + 1, self.timeout_s, self.device, self._bind_host)
-            sent = self._send(group, rnd, version, named, layout)
+            sent, fp = self._send(group, rnd, version, named, layout)
         except RuntimeError as exc:  # gloo/NCCL failures and timeouts; receivers are judged by their acks below
             error = f"collective failed: {exc}"
             logger.warning("weight sync round %d: %s", rnd, error)
@@ -222,7 +263,7 @@ class WeightBroadcaster:
                 failed[member] = f"{ack.get('status')}: {ack.get('detail', '')}"
         if group is not None:
             release_group(group, failed=bool(error))
-        return sent, acked, failed
+        return sent, fp, acked, failed
 
     def _send(
         self,
@@ -231,7 +272,7 @@ class WeightBroadcaster:
         version: int,
         named: Sequence[tuple[str, torch.Tensor]],
         layout: tuple[list[int], list[TensorEntry]],
-    ) -> int:
+    ) -> tuple[int, str]:
         sizes, entries = layout
         algo = checksum_for(self.device)
         manifest = Manifest(version, rnd, algo, tuple(sizes), tuple(entries))
@@ -239,7 +280,7 @@ class WeightBroadcaster:
         sums = self._send_buckets(group, sizes, entries, dict(named), algo)
         trailer = torch.tensor(sums, dtype=torch.int64, device=self.device)
         wait_work(broadcast(group, trailer, self.timeout_s), self.timeout_s)
-        return sum(sizes)
+        return sum(sizes), fingerprint(manifest, sums)
 
     def _send_buckets(
         self, group: Group, sizes: list[int], entries: list[TensorEntry], tensors: dict[str, torch.Tensor], algo: str
@@ -248,9 +289,7 @@ class WeightBroadcaster:
         by_bucket: list[list[TensorEntry]] = [[] for _ in sizes]
         for entry in entries:
             by_bucket[entry.bucket].append(entry)
-        if not self._slots or self._slots[0].numel() < max(sizes):
-            self._slots = []
-            self._slots = [torch.empty(max(sizes), dtype=torch.uint8, device=self.device) for _ in range(2)]
+        self._ensure_slots(max(sizes))
         # A checksum thread was slower on the 2-core reference machine: gloo's own thread already overlaps sending.
         sums: list[int] = []
         pending = None

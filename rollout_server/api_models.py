@@ -53,20 +53,30 @@ class GenerateRequest(_Body):
         return self
 
 
+class SpanBody(_Body):
+    """Tokens from ``start`` on (up to the next span) were sampled by policy ``version`` with weights ``weights``."""
+
+    start: int
+    version: int
+    weights: str = Field(description="Fingerprint of those weights ('' when not known).")
+
+
 class CompletionBody(_Body):
-    """One completion: its text, tokens, the log-prob of each token under the sampling distribution, and its end."""
+    """One completion: its text, tokens, the log-prob of each token under the sampling distribution, its end, and
+    which weights sampled which tokens (weights may change while a completion is generated)."""
 
     text: str
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: Literal["stop", "length", "abort"]
+    spans: list[SpanBody]
 
 
 class GenerateResponse(_Body):
     """What ``POST /v1/generate`` returns."""
 
     v: Literal[1] = API_VERSION
-    version: int = Field(description="Policy version of the weights that generated every completion.")
+    version: int = Field(description="The oldest policy version that sampled any token of the completions.")
     prompt_token_ids: list[int]
     completions: list[CompletionBody]
     seconds: float
@@ -92,11 +102,32 @@ class ReloadResponse(_Body):
 
 
 class RolloutHealth(_Body):
-    """``GET /health``: one token generated just now, the loaded version, and the stream worker's state."""
+    """``GET /health``, answered from the engine's state (never queued behind generation)."""
 
     ok: bool
     component: Literal["rollout"] = "rollout"
     detail: str = ""
     seconds: float = 0.0
     version: int = 0
+    weights: str = Field("", description="Fingerprint of the weights in place.")
+    canary_version: int | None = Field(None, description="Version of the last canary scored (after a swap).")
     worker: WorkerState = "disabled"
+    groups: int = Field(0, description="Groups in flight in the engine.")
+    rows: int = Field(0, description="Decode slots in use.")
+    max_rows: int = Field(0, description="Decode slots.")
+    steps: int = Field(0, description="Decode steps run since the start.")
+
+
+class DrainRequest(_Body):
+    """``POST /v1/drain``: stop taking prompts (an empty object: ``{}``)."""
+
+    v: Literal[1] = API_VERSION
+
+
+class DrainResponse(_Body):
+    """``POST /v1/drain`` (start draining: take no more prompts) and ``GET /v1/drain`` (progress): a preStop hook
+    polls until no group is in flight."""
+
+    v: Literal[1] = API_VERSION
+    draining: bool
+    in_flight_groups: int = Field(description="Groups taken from the stream and not yet written.")

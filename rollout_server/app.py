@@ -1,9 +1,11 @@
-"""The rollout server's HTTP app: ``/health``, ``/metrics``, ``POST /v1/generate``, ``POST /v1/weights/reload``.
+"""The rollout server's HTTP app: ``/health``, ``/metrics``, ``POST /v1/generate``, ``/v1/weights/reload``,
+``/v1/drain``.
 
 ``create_app(cfg)`` holds no module-level state: the backend, the Redis clients, the stream worker and the weight-sync
 thread live in the app's lifespan, in one :class:`ServerState` at ``app.state.server``. With ``redis.url`` set (and
 ``run_worker``) the server consumes ``prompts`` and follows the learner's weights; without it, it only answers HTTP
-requests. The routes are plain functions below that read that state.
+requests. ``/health`` reads the engine's state and never queues behind generation; ad-hoc ``/v1/generate`` requests
+join the running decode batch like any group.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request, status
@@ -21,30 +23,34 @@ from fastapi.responses import JSONResponse
 
 from rollout_server.api_models import (
     CompletionBody,
+    DrainRequest,
+    DrainResponse,
     GenerateRequest,
     GenerateResponse,
     ReloadRequest,
     ReloadResponse,
     RolloutHealth,
+    SpanBody,
     WorkerState,
 )
-from rollout_server.backends import Backend, BackendOptions, Completion, PromptGroup, create_backend
+from rollout_server.backends import Backend, BackendOptions, Completion, create_backend
+from rollout_server.checkpoints import CheckpointError
 from rollout_server.metrics import RolloutMetrics
-from rollout_server.sync import CheckpointError, PolicyWeights, WeightSync
+from rollout_server.policy_weights import PolicyWeights
+from rollout_server.sync import WeightSync
 from rollout_server.worker import RolloutWorker
 from services.config import RunConfig
 from services.contracts import consumer_name
 from services.http import bearer_auth, json_body, read_model, unprocessable
 from services.metrics import metrics_asgi_app
-from services.protocol import Sampling
 from services.streams import clients_from_config
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 20.0
-"""How long shutdown waits for the batch in progress before abandoning it (it stays pending and is claimed)."""
-_HEALTH_PROMPT = [{"role": "user", "content": "Say hi."}]
-_HEALTH_SAMPLING = Sampling(temperature=0.0, max_new_tokens=1)
+"""How long shutdown waits for the groups in flight before abandoning them (they stay pending and are claimed)."""
+ENGINE_STALL_S = 120.0
+"""/health fails when the engine has rows to decode but has not finished a decode step for this long."""
 
 
 def backend_from_config(cfg: RunConfig) -> Backend:
@@ -60,7 +66,9 @@ class ServerState:
     backend: Backend
     weights: PolicyWeights
     metrics: RolloutMetrics
+    worker: RolloutWorker | None = None
     worker_task: asyncio.Task[None] | None = None
+    _progress: tuple[int, float] = field(default=(-1, 0.0))  # (decode steps, when /health saw them change)
 
     @property
     def worker_state(self) -> WorkerState:
@@ -72,6 +80,14 @@ class ServerState:
             return "running"
         return "failed" if not task.cancelled() and task.exception() is not None else "stopped"
 
+    def engine_stalled_s(self, steps: int, busy: bool) -> float:
+        """Seconds the engine has had work without finishing a decode step (0 when it moves or is idle)."""
+        now = time.monotonic()
+        if steps < 0 or steps != self._progress[0] or not busy:  # steps < 0: the backend does not count them
+            self._progress = (steps, now)
+            return 0.0
+        return now - self._progress[1]
+
 
 def _state(request: Request) -> ServerState:
     state: ServerState = request.app.state.server
@@ -82,21 +98,28 @@ def _state(request: Request) -> ServerState:
 
 
 async def health(request: Request) -> JSONResponse:
-    """Generate one token through the backend and report the loaded version and the worker's state."""
+    """The engine's state, the last canary and the worker's state; 503 when any of them is broken."""
     server = _state(request)
     start = time.perf_counter()
-    try:
-        groups = await asyncio.to_thread(server.backend.generate, [_HEALTH_PROMPT], 1, _HEALTH_SAMPLING)
-        ok = len(groups) == 1 and len(groups[0].completions[0].token_ids) == 1
-        detail = "" if ok else "the backend did not return one token"
-    except Exception as exc:  # /health reports failures instead of raising them
-        ok, detail = False, f"{type(exc).__name__}: {exc}"
-    worker = server.worker_state
-    if worker == "failed":
-        ok, detail = False, detail or "the stream worker stopped with an error (see the log)"
-    body = RolloutHealth(ok=ok, detail=detail, seconds=time.perf_counter() - start, version=server.weights.version,
-                         worker=worker)  # fmt: skip
-    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+    engine = server.backend.state()
+    canary = server.weights.last_canary
+    problems = []
+    if not engine.alive:
+        problems.append("the engine stopped (see the log)")
+    stalled = server.engine_stalled_s(engine.steps, busy=engine.rows > 0)
+    if stalled > ENGINE_STALL_S:
+        problems.append(f"the engine has not finished a decode step for {stalled:.0f}s")
+    if server.weights.dirty:
+        problems.append("a weight swap failed half-way; waiting for a checkpoint reload")
+    if server.worker_state == "failed":
+        problems.append("the stream worker stopped with an error (see the log)")
+    body = RolloutHealth(
+        ok=not problems, detail="; ".join(problems), seconds=time.perf_counter() - start,
+        version=engine.weights.version, weights=engine.weights.fingerprint,
+        canary_version=canary.version if canary else None, worker=server.worker_state, groups=engine.groups,
+        rows=engine.rows, max_rows=engine.max_rows, steps=engine.steps,
+    )  # fmt: skip
+    return JSONResponse(body.model_dump(), status_code=503 if problems else 200)
 
 
 def _completion(c: Completion) -> CompletionBody:
@@ -105,28 +128,28 @@ def _completion(c: Completion) -> CompletionBody:
         token_ids=[int(t) for t in c.token_ids],
         logprobs=[float(x) for x in c.logprobs],
         finish_reason=c.finish_reason,
+        spans=[SpanBody(start=s.start, version=s.weights.version, weights=s.weights.fingerprint) for s in c.spans],
     )
 
 
 async def generate(request: Request) -> GenerateResponse:
-    """Sample n completions of one prompt with the weights in place (ad hoc; nothing goes to the streams)."""
+    """Sample n completions of one prompt (ad hoc: it joins the decode batch, nothing goes to the streams)."""
     server = _state(request)
     body = await read_model(request, GenerateRequest, server.cfg.rollout.server.max_body_bytes)
-    weights = server.weights
     prompt = [turn.model_dump() for turn in body.messages] if body.messages is not None else body.prompt
-    sampling = body.sampling.record()
-
-    def run() -> tuple[PromptGroup, int]:
-        with weights.batch() as version:
-            return weights.backend.generate([prompt], body.n, sampling)[0], version  # type: ignore[list-item]
-
     start = time.perf_counter()
+    future = None
     try:
-        group, version = await asyncio.to_thread(run)
+        ids = (await asyncio.to_thread(server.backend.encode_prompts, [prompt]))[0]  # type: ignore[list-item]
+        future = server.backend.submit(ids, body.n, body.sampling.record())
+        group = await asyncio.wrap_future(future)
     except ValueError as exc:  # e.g. prompt + max_new_tokens beyond the model's context
         raise unprocessable(exc) from exc
+    finally:
+        if future is not None and not future.done():
+            future.cancel()  # the client went away: free the decode slots
     return GenerateResponse(
-        version=version,
+        version=min(c.spans[0].weights.version for c in group.completions),
         prompt_token_ids=[int(t) for t in group.prompt_token_ids],
         completions=[_completion(c) for c in group.completions],
         seconds=time.perf_counter() - start,
@@ -151,11 +174,28 @@ async def reload(request: Request) -> ReloadResponse:
     return ReloadResponse(version=version, tensors=count, seconds=time.perf_counter() - start)
 
 
+async def drain(request: Request) -> DrainResponse:
+    """Stop taking prompts; the groups in flight are still written (a preStop hook, then polls ``GET /v1/drain``)."""
+    server = _state(request)
+    await read_model(request, DrainRequest, server.cfg.rollout.server.max_body_bytes)
+    if server.worker is not None and not server.worker.draining:
+        server.worker.draining = True
+        log.info("draining: taking no more prompts, %d groups in flight", server.worker.inflight)
+    return drain_state(request)
+
+
+def drain_state(request: Request) -> DrainResponse:
+    """Whether the server drains, and how many groups it still holds."""
+    worker = _state(request).worker
+    return DrainResponse(draining=worker is not None and worker.draining,
+                         in_flight_groups=worker.inflight if worker is not None else 0)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------- the app
 
 
 async def _stop_worker(task: asyncio.Task[None], grace_s: float) -> None:
-    """Let the worker finish its batch within grace_s, else cancel it (the batch stays pending)."""
+    """Let the worker finish its groups in flight within grace_s, else cancel it (they stay pending)."""
     done, _ = await asyncio.wait({task}, timeout=grace_s)
     if not done:
         task.cancel()
@@ -180,8 +220,8 @@ async def _stream_worker(server: ServerState, run_worker: bool, grace_s: float) 
     try:
         await asyncio.to_thread(sync.initial_load)  # a late joiner starts from the newest checkpoint
         sync.start()
-        worker = RolloutWorker(cfg, server.backend, aredis, server.metrics, consumer, weights=server.weights)
-        server.worker_task = asyncio.create_task(worker.run(stop), name="rollout-worker")
+        server.worker = RolloutWorker(cfg, server.backend, aredis, server.metrics, consumer, weights=server.weights)
+        server.worker_task = asyncio.create_task(server.worker.run(stop), name="rollout-worker")
         yield
     finally:
         stop.set()
@@ -190,6 +230,13 @@ async def _stream_worker(server: ServerState, run_worker: bool, grace_s: float) 
         await asyncio.to_thread(sync.stop)
         await aredis.aclose()
         sredis.close()
+
+
+def _count_swaps(metrics: RolloutMetrics, backend: Backend) -> None:
+    state = backend.state()
+    metrics.swaps.inc()
+    metrics.swap_pause.observe(state.last_swap_pause_s)
+    metrics.policy_version.set(state.weights.version)
 
 
 def create_app(
@@ -202,7 +249,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         be = backend if backend is not None else await asyncio.to_thread(backend_from_config, cfg)
         weights = PolicyWeights(be)
-        weights.add_listener(metrics.policy_version.set)
+        weights.add_listener(lambda tag, canary: _count_swaps(metrics, be))
         metrics.policy_version.set(weights.version)
         server = app.state.server = ServerState(cfg, be, weights, metrics)
         try:
@@ -216,8 +263,12 @@ def create_app(
     app.mount("/metrics", metrics_asgi_app(metrics.component))
     admin = [Depends(bearer_auth(cfg.rollout.server.api_token))]
     app.add_api_route("/health", health, methods=["GET"], response_model=RolloutHealth)
-    app.add_api_route("/v1/generate", generate, methods=["POST"], response_model=GenerateResponse,
-                      dependencies=admin, openapi_extra=json_body(GenerateRequest))  # fmt: skip
-    app.add_api_route("/v1/weights/reload", reload, methods=["POST"], response_model=ReloadResponse,
-                      dependencies=admin, openapi_extra=json_body(ReloadRequest))  # fmt: skip
+    for path, route, request_model, response_model in (
+        ("/v1/generate", generate, GenerateRequest, GenerateResponse),
+        ("/v1/weights/reload", reload, ReloadRequest, ReloadResponse),
+        ("/v1/drain", drain, DrainRequest, DrainResponse),
+    ):
+        app.add_api_route(path, route, methods=["POST"], response_model=response_model, dependencies=admin,
+                          openapi_extra=json_body(request_model))  # fmt: skip
+    app.add_api_route("/v1/drain", drain_state, methods=["GET"], response_model=DrainResponse)  # read-only
     return app

@@ -1,4 +1,10 @@
-"""Rollout-server side of weight sync: join the learner's rounds and apply verified weights (docs/WEIGHT_SYNC.md)."""
+"""Rollout-server side of weight sync: join the learner's rounds and stage verified weights (docs/WEIGHT_SYNC.md).
+
+A round's buckets land in host staging memory (received there directly over gloo; over NCCL through two device
+buckets copied into pinned host buffers, never a second copy of the model on the GPU). Once every checksum matches
+the receiver acknowledges the round, so the learner's broadcast ends when the bytes are delivered, and hands the
+staged tensors to its caller, who swaps them into the engine while the learner already trains the next step.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -22,6 +28,7 @@ from services.modeling.weight_sync import (
     ResyncNeeded,
     broadcast,
     checksum,
+    fingerprint,
     get_json,
     is_loopback,
     new_group,
@@ -37,9 +44,15 @@ from services.modeling.weight_sync import (
 
 logger = logging.getLogger(__name__)
 
-Apply = Callable[[Iterable[tuple[str, torch.Tensor]], int], None]
-"""apply(named_tensors, version): copy the tensors into the model. They are views into staging buffers that the
-next round overwrites, so copy them (as `param.copy_(t)` or vLLM's load_weights does); never keep references."""
+
+@dataclass(frozen=True)
+class Delivery:
+    """One received and verified version: its tensors are views into the receiver's staging buffers, valid until the
+    next ``receive()`` call overwrites them (copy them into the model before that)."""
+
+    version: int
+    fingerprint: str
+    named: list[tuple[str, torch.Tensor]]
 
 
 class WeightReceiver:
@@ -72,7 +85,8 @@ class WeightReceiver:
         self._invited = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._staging: list[torch.Tensor] = []  # kept between rounds: fresh buffers would page-fault every round
+        self._staging: list[torch.Tensor] = []  # host buffers kept between rounds: fresh ones page-fault every round
+        self._transport: list[torch.Tensor] = []  # NCCL only: two device buckets the rounds stream through
 
     @property
     def token(self) -> str | None:
@@ -94,12 +108,12 @@ class WeightReceiver:
             put_json(self._store, Keys.event(index), {"op": "join", "member": token})
             self._token, self._next_round, self._invited = token, current + 1, False
 
-    def receive(self, apply: Apply, wait_s: float | None = None) -> int | None:
-        """Wait up to wait_s (default timeout_s) for the next round; apply it; return the applied version.
+    def receive(self, wait_s: float | None = None) -> Delivery | None:
+        """Wait up to wait_s (default timeout_s) for the next round; receive, verify and acknowledge it.
 
         Returns None when no round started in time or the receiver is closing. Raises ResyncNeeded (or its
-        subclasses ManifestRejected, ChecksumMismatch) when this receiver missed or refused an update: the model
-        is untouched; load the newest checkpoint and join() again.
+        subclasses ManifestRejected, ChecksumMismatch) when this receiver missed or refused an update: nothing was
+        staged; load the newest checkpoint and join() again.
         """
         with self._lock:
             store, token = self._store, self._token
@@ -109,7 +123,7 @@ class WeightReceiver:
                 found = self._next_invite(store, token, self.timeout_s if wait_s is None else wait_s)
                 if found is None:
                     return None
-                return self._take_part(store, token, *found, apply)
+                return self._take_part(store, token, *found)
             except ResyncNeeded:
                 self._token = None
                 raise
@@ -145,7 +159,7 @@ class WeightReceiver:
             if self._invited:
                 raise ResyncNeeded(f"dropped by the learner before round {rnd} (v{invite['version']})")
 
-    def _take_part(self, store: dist.Store, token: str, rnd: int, invited_version: int, apply: Apply) -> int:
+    def _take_part(self, store: dist.Store, token: str, rnd: int, invited_version: int) -> Delivery:
         store.set(Keys.ready(rnd, token), "1")
         if not wait_keys(store, [Keys.roster(rnd)], self.timeout_s):
             raise ResyncNeeded(f"round {rnd}: the learner published no roster within {self.timeout_s}s")
@@ -158,7 +172,7 @@ class WeightReceiver:
             prefix = dist.PrefixStore(Keys.group_prefix(rnd), store)
             rank, size = roster.index(token) + 1, len(roster) + 1
             group = new_group(self.backend, prefix, rank, size, self.timeout_s, self.device, self._bind_host)
-            version = self._receive_round(group, rnd, invited_version, apply)
+            delivery = self._receive_round(group, rnd, invited_version)
             failed = False
         except ResyncNeeded as exc:
             self._ack(store, rnd, token, "rejected", str(exc))
@@ -169,8 +183,8 @@ class WeightReceiver:
         finally:
             if group is not None:
                 release_group(group, failed)
-        self._ack(store, rnd, token, "ok", f"v{version}")
-        return version
+        self._ack(store, rnd, token, "ok", delivery.fingerprint)
+        return delivery
 
     def _ack(self, store: dist.Store, rnd: int, token: str, status: str, detail: str) -> None:
         if status != "ok":
@@ -180,7 +194,7 @@ class WeightReceiver:
         except dist.DistError:
             logger.info("could not ack round %d: the learner's store is gone", rnd)
 
-    def _receive_round(self, group: Group, rnd: int, invited_version: int, apply: Apply) -> int:
+    def _receive_round(self, group: Group, rnd: int, invited_version: int) -> Delivery:
         manifest = Manifest.decode(recv_bytes(group, self.device, self.timeout_s))
         problems = validate_manifest(manifest, self.expected)
         if (manifest.round, manifest.version) != (rnd, invited_version):
@@ -189,32 +203,48 @@ class WeightReceiver:
             # A broadcast cannot skip a rank: take the round's bytes so the other receivers are not held up.
             self._drain(group, manifest)
             raise ManifestRejected("; ".join(problems))
-        buffers, sums = self._recv_buckets(group, manifest)
+        sums = self._recv_buckets(group, manifest)
         trailer = torch.zeros(len(manifest.buckets), dtype=torch.int64, device=self.device)
         wait_work(broadcast(group, trailer, self.timeout_s), self.timeout_s)
-        bad = [k for k, (got, sent) in enumerate(zip(sums, trailer.tolist(), strict=True)) if got != sent]
+        sent = trailer.tolist()
+        bad = [k for k, (got, want) in enumerate(zip(sums, sent, strict=True)) if got != want]
         if bad:
             raise ChecksumMismatch(f"round {rnd} (v{manifest.version}): {manifest.checksum} differs in buckets {bad}")
-        try:
-            apply(unpack(manifest, buffers), manifest.version)
-        except Exception as exc:  # the model may be half-updated: only a checkpoint reload makes it whole again
-            raise ResyncNeeded(f"apply() failed for v{manifest.version}: {exc!r}") from exc
-        return manifest.version
+        return Delivery(manifest.version, fingerprint(manifest, sent), unpack(manifest, self._staging))
 
-    def _recv_buckets(self, group: Group, manifest: Manifest) -> tuple[list[torch.Tensor], list[int]]:
-        """Receive bucket k+1 while checksumming bucket k; all buckets are kept until validation ends."""
+    def _recv_buckets(self, group: Group, manifest: Manifest) -> list[int]:
+        """Receive every bucket into host staging (bucket k+1 in flight while bucket k is checksummed)."""
         if [b.numel() for b in self._staging] != list(manifest.buckets):
             self._staging = []  # free the old set before allocating the new one
-            self._staging = [torch.empty(size, dtype=torch.uint8, device=self.device) for size in manifest.buckets]
-        buffers = self._staging
+            pin = self.device.type == "cuda"
+            self._staging = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for size in manifest.buckets]
+        if self.device.type == "cpu":
+            return self._recv_into(group, self._staging, manifest.checksum)
+        return self._recv_through_device(group, manifest)
+
+    def _recv_into(self, group: Group, buffers: list[torch.Tensor], algo: str) -> list[int]:
+        # Every bucket has its own staging buffer, so all receives are posted at once (the transport never waits
+        # for this thread) and each bucket is checksummed as soon as it has arrived.
+        works = [broadcast(group, buf, self.timeout_s) for buf in buffers]
         sums: list[int] = []
-        work = broadcast(group, buffers[0], self.timeout_s) if buffers else None
-        for k, buf in enumerate(buffers):
+        for work, buf in zip(works, buffers, strict=True):
             wait_work(work, self.timeout_s)
-            if k + 1 < len(buffers):
-                work = broadcast(group, buffers[k + 1], self.timeout_s)
-            sums.append(checksum(buf, manifest.checksum))
-        return buffers, sums
+            sums.append(checksum(buf, algo))
+        return sums
+
+    def _recv_through_device(self, group: Group, manifest: Manifest) -> list[int]:
+        """NCCL: two device buckets alternate; each is checksummed on the device and copied to pinned host memory."""
+        largest = max(manifest.buckets, default=1)
+        if not self._transport or self._transport[0].numel() < largest:
+            self._transport = []
+            self._transport = [torch.empty(largest, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        sums: list[int] = []
+        for k, size in enumerate(manifest.buckets):
+            slot = self._transport[k % 2][:size]
+            wait_work(broadcast(group, slot, self.timeout_s), self.timeout_s)
+            sums.append(checksum(slot, manifest.checksum))
+            self._staging[k].copy_(slot)  # synchronous: the slot is reused two buckets later
+        return sums
 
     def _drain(self, group: Group, manifest: Manifest) -> None:
         scratch = torch.empty(max(manifest.buckets, default=1), dtype=torch.uint8, device=self.device)

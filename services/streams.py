@@ -14,7 +14,7 @@ import random
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -316,21 +316,31 @@ class StreamClient:
             resp = await self._call("XREADGROUP", op, extra_s=block_ms / 1000)
         return [self._entry(i, raw) for _, entries in (resp or []) for i, raw in entries if raw is not None]
 
-    async def ack(self, ids: Iterable[str], *, produce: Sequence[tuple[StreamSpec, bytes]] = ()) -> int:
+    async def ack(
+        self,
+        ids: Iterable[str],
+        *,
+        produce: Sequence[tuple[StreamSpec, bytes]] = (),
+        hashes: Mapping[str, Mapping[str, bytes]] | None = None,
+    ) -> int:
         """Acknowledge entries; returns how many were still pending.
 
         ``produce`` lists outputs to append in the same MULTI transaction, so an output is written if and only if
-        its input is acknowledged (a retried transaction may still write it twice: at-least-once).
+        its input is acknowledged (a retried transaction may still write it twice: at-least-once); ``hashes`` are
+        hash fields (key -> field -> value) set in that transaction too.
         """
         group, _ = self._need_group()
         ids = list(ids)
-        if not produce:
+        if not produce and not hashes:
             return int(await self._call("XACK", lambda: self.redis.xack(self.key, group, *ids))) if ids else 0
 
         async def op() -> list[Any]:
             async with self.redis.pipeline(transaction=True) as pipe:
                 for spec, data in produce:
                     pipe.xadd(str(spec), {DATA_FIELD: data})
+                for key, mapping in (hashes or {}).items():
+                    if mapping:
+                        pipe.hset(key, mapping=dict(mapping))
                 if ids:
                     pipe.xack(self.key, group, *ids)
                 return await pipe.execute()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from rollout_server.backends.base import Backend, EngineState, PromptGroup, WeightsTag
 from services.modeling.loading import DEFAULT_MODEL, load_tokenizer
+from services.protocol import Sampling
 
 
 def save_tiny_llama(
@@ -39,3 +44,29 @@ def save_tiny_llama(
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class DelegatingBackend(Backend):
+    """A backend that hands every call to ``inner`` (a real one): tests subclass it to watch or hold what passes."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.inner.tokenizer
+
+    def submit(self, prompt_ids: Any, n: int, sampling: Sampling) -> Future[PromptGroup]:
+        return self.inner.submit(prompt_ids, n, sampling)
+
+    def swap(self, named_tensors: Any, weights: WeightsTag, canary_ids: Any) -> Future[np.ndarray]:
+        return self.inner.swap(named_tensors, weights, canary_ids)
+
+    def score(self, token_ids: Any) -> Future[np.ndarray]:
+        return self.inner.score(token_ids)
+
+    def state(self) -> EngineState:
+        return self.inner.state()
+
+    def state_dict_names_and_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        return self.inner.state_dict_names_and_shapes()

@@ -6,6 +6,7 @@ per-round process groups built directly on a PrefixStore of the learner's TCPSto
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -18,13 +19,14 @@ from typing import Any
 import msgpack
 import torch
 import torch.distributed as dist
+import xxhash
 
 SCHEMA = 1
 ALIGN = 16  # bytes; covers every supported element size, so each tensor can be a view into its bucket
 BUCKET_PAD = 4096  # bucket sizes are multiples of this so sum64 can view them as rows of SUM64_ROW int32 words
 SUM64_ROW = 1024
 DEFAULT_BUCKET_BYTES = 64 << 20
-CHECKSUMS = ("crc32", "sum64")
+CHECKSUMS = ("xxh3", "crc32", "sum64")
 POLL_MIN_S, POLL_MAX_S = 0.001, 0.02  # back off from 1 ms: rounds start fast, idle waits stay cheap
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -163,6 +165,14 @@ def _nonneg_int(value: Any) -> int:
     return value
 
 
+def fingerprint(manifest: Manifest, sums: Sequence[int]) -> str:
+    """``v{version}:{digest}`` of the weights one round carries: its tensor table, checksum algorithm and bucket
+    checksums (not its round number, so a version sent again has the same fingerprint)."""
+    table = [[t.name, t.dtype, list(t.shape), t.bucket, t.offset] for t in manifest.tensors]
+    body = msgpack.packb([SCHEMA, manifest.checksum, list(manifest.buckets), table, [int(s) for s in sums]])
+    return f"v{manifest.version}:{hashlib.blake2b(body, digest_size=8).hexdigest()}"
+
+
 def expected_from_named(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Expected:
     """The {name: (shape, dtype)} a receiver checks manifests against, taken from its own model."""
     return {name: (tuple(t.shape), t.dtype) for name, t in named_tensors}
@@ -207,12 +217,16 @@ def unpack(manifest: Manifest, buffers: Sequence[torch.Tensor]) -> list[tuple[st
 
 
 def checksum_for(device: torch.device) -> str:
-    """The checksum to use for buckets on this device: crc32 on the CPU, sum64 on accelerators."""
-    return "crc32" if device.type == "cpu" else "sum64"
+    """The checksum to use for buckets on this device: xxh3 on the CPU, sum64 on accelerators (crc32, the previous
+    CPU choice, is still accepted from a sender that names it)."""
+    return "xxh3" if device.type == "cpu" else "sum64"
 
 
 def checksum(buf: torch.Tensor, algo: str) -> int:
     """Checksum of a bucket as a signed 64-bit integer (it travels in an int64 trailer)."""
+    if algo == "xxh3":  # 64-bit XXH3: 20+ GB/s on one core, against crc32's 1.4-3.7
+        value = xxhash.xxh3_64_intdigest(memoryview(buf.cpu().numpy()))
+        return value - (1 << 64) if value >= 1 << 63 else value
     if algo == "crc32":
         return zlib.crc32(buf.cpu().numpy())
     if algo != "sum64":

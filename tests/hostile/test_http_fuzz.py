@@ -171,7 +171,7 @@ def test_reward_service_schema_fuzz(reward_app: FastAPI) -> None:
 def test_rollout_server_schema_fuzz(rollout_app: FastAPI) -> None:
     schema = schemathesis.openapi.from_asgi("/openapi.json", rollout_app)
     labels = {op.ok().label for op in schema.get_all_operations()}
-    assert labels == {"GET /health", "POST /v1/generate", "POST /v1/weights/reload"}
+    assert labels == {"GET /health", "POST /v1/generate", "POST /v1/weights/reload", "POST /v1/drain", "GET /v1/drain"}
     seen = fuzz(schema, AUTH, positive=30, negative=15)
     reached = seen["POST /v1/generate"] & {200, REFUSED_BY_BACKEND}
     assert reached and 404 in seen["POST /v1/weights/reload"], seen  # some requests got past validation

@@ -223,13 +223,23 @@ def test_scanner_lets_safe_code_through(snippet: str) -> None:
     assert scan_source(snippet) == [], snippet
 
 
+REVIEWED = {
+    "learner/checkpoint_dcp.py:14: imports pickle": "torch's sharded checkpoint (DCP) stores its .metadata as a "
+    "pickle; it is read only through _MetadataUnpickler, which admits DCP's own metadata records and nothing else",
+    "tests/unit/learner/test_checkpoint_dcp.py:8: imports pickle": "writes a hostile .metadata to show it is refused",
+}
+"""Findings a person reviewed, each with why it is safe. A finding that moves to another line is a new finding."""
+
+
 def test_no_python_file_executes_data_or_spawns_a_shell() -> None:
     files = python_files(SCANNED)
     assert len(files) > 50, "the scan must see the project"
     offenders = [
         f"{path.relative_to(REPO)}:{finding}" for path in files for finding in scan_source(path.read_text(), str(path))
     ]
-    assert not offenders, "code that could execute data or run a shell:\n" + "\n".join(offenders)
+    unreviewed = [o for o in offenders if o not in REVIEWED]
+    assert not unreviewed, "code that could execute data or run a shell:\n" + "\n".join(unreviewed)
+    assert set(REVIEWED) <= set(offenders), "a reviewed finding is gone: drop it from REVIEWED"
 
 
 # ------------------------------------------------------------------------------------------------ (b) bind addresses
@@ -492,7 +502,7 @@ def test_kubernetes_gives_every_redis_client_the_password_and_redis_requirepass(
             secret = env.get("DIPO_REDIS__PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef", {})
             assert secret.get("name") and secret.get("key"), f"{name}/{container['name']} gets no Redis password"
         if name == "redis":
-            (container,) = workload["spec"]["template"]["spec"]["containers"]
+            [container] = [c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == "redis"]
             assert '--requirepass "$REDIS_PASSWORD"' in " ".join(container.get("args", []))
             secret = {e["name"]: e for e in container["env"]}["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
             assert secret["key"] == "redis-password"

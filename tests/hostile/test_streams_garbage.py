@@ -22,6 +22,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import msgpack
@@ -32,17 +33,17 @@ import torch
 from factories import math_group, math_task
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from model_factories import save_tiny_llama
+from model_factories import DelegatingBackend, save_tiny_llama
 
 from learner.batch import BatchAssembler
 from reward_service.verify import Verifiers
 from reward_service.worker import RewardWorker
-from rollout_server.backends import Backend, PromptGroup
+from rollout_server.backends import PromptGroup
 from rollout_server.backends.hf import HFBackend
 from rollout_server.worker import MAX_GROUP_SIZE, RolloutWorker
 from services.config import RewardConfig, RunConfig, load_config
 from services.contracts import DEADLETTER, ROLLOUTS, SCORED
-from services.protocol import DeadLetter, PromptTask, RolloutGroup, Sampling, ScoredGroup
+from services.protocol import SCHEMA_VERSION, DeadLetter, PromptTask, RolloutGroup, Sampling, ScoredGroup
 from services.streams import DATA_FIELD, StreamSpec, connect
 
 pytestmark = pytest.mark.timeout(180)
@@ -71,7 +72,7 @@ def garbage(other_stream_message: bytes, too_big_message: bytes) -> list[tuple[F
     entries += [
         ({DATA_FIELD: b""}, "message:"),
         ({DATA_FIELD: b"\x93garbage"}, "message:"),
-        ({DATA_FIELD: msgpack.packb({"v": 2, "t": "prompt", "x": [[[[[]]]]]})}, "schema version"),
+        ({DATA_FIELD: msgpack.packb({"v": SCHEMA_VERSION + 1, "t": "prompt", "x": [[[[[]]]]]})}, "schema version"),
         ({DATA_FIELD: msgpack.packb([1] * 10) * 3}, "message:"),  # trailing data
         ({DATA_FIELD: b"\x91" * 5000 + b"\xc0"}, "message:"),  # nesting deeper than msgpack's stack
         ({DATA_FIELD: other_stream_message}, "type tag"),
@@ -112,27 +113,17 @@ def check_dead(letters: dict[str, DeadLetter], expected: dict[str, str], source:
 # ------------------------------------------------------------------------------------------------ prompts stream
 
 
-class GuardedBackend(Backend):
+class GuardedBackend(DelegatingBackend):
     """The real tiny-model backend behind a guard: a group size that reaches it would be the memory bug itself."""
 
     def __init__(self, inner: HFBackend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.largest_n = 0
 
-    @property
-    def tokenizer(self) -> Any:
-        return self.inner.tokenizer
-
-    def generate(self, prompts: Any, n: int, sampling: Sampling) -> list[PromptGroup]:
+    def submit(self, prompt_ids: Any, n: int, sampling: Sampling) -> Future[PromptGroup]:
         self.largest_n = max(self.largest_n, n)
         assert n <= MAX_GROUP_SIZE, f"the worker handed n={n} to the backend"
-        return self.inner.generate(prompts, n, sampling)
-
-    def load_state_dict(self, named_tensors: Any) -> None:
-        self.inner.load_state_dict(named_tensors)
-
-    def state_dict_names_and_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        return self.inner.state_dict_names_and_shapes()
+        return self.inner.submit(prompt_ids, n, sampling)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +144,7 @@ def prompt(prompt_id: str, **sampling: Any) -> PromptTask:
 async def test_rollout_worker_dead_letters_garbage_and_answers_the_rest(
     backend: GuardedBackend, redis_client: aioredis.Redis, redis_url: str, run_name: str
 ) -> None:
-    cfg = config(run_name, redis_url, "rollout.prompts_per_batch=64")
+    cfg = config(run_name, redis_url, "rollout.max_inflight_groups=64")
     worker = RolloutWorker(cfg, backend, redis_client, consumer="hostile")
     await worker.prompts.ensure_group()
     key = worker.prompts.key

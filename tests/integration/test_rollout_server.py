@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 import torch
 import yaml
+from model_factories import DelegatingBackend
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner.weight_sync import WeightBroadcaster, redis_hash_publisher
@@ -81,38 +83,38 @@ def check_group(group: RolloutGroup, versions: set[int]) -> None:
     assert len(group.prompt_token_ids) > 0
     for r in group.responses:
         assert 1 <= len(r.token_ids) == len(r.logprobs) <= group.task.sampling.max_new_tokens
-        assert r.version_first == r.version_last and r.version_first in versions
+        assert {int(v) for v in r.span_versions} <= versions
         assert (r.logprobs <= 0).all()
 
 
 # ------------------------------------------------------------------ in-process worker
 
 
-class SpyBackend(Backend):
-    """Delegates to a real backend, recording each generate call; can hold a call until released."""
+class SpyBackend(DelegatingBackend):
+    """Delegates to a real backend, recording each submitted group; can hold new groups until released."""
 
     def __init__(self, inner: HFBackend) -> None:
-        self.inner = inner
-        self.calls: list[tuple[int, int, Sampling]] = []
-        self.entered = threading.Event()
+        super().__init__(inner)
+        self.calls: list[tuple[int, Sampling]] = []
+        self.inflight, self.most_inflight = 0, 0
         self.release = threading.Event()
         self.release.set()
+        self.held: list[Future[PromptGroup]] = []
 
-    @property
-    def tokenizer(self) -> Any:
-        return self.inner.tokenizer
+    def submit(self, prompt_ids: Any, n: int, sampling: Sampling) -> Future[PromptGroup]:
+        self.calls.append((n, sampling))
+        if not self.release.is_set():
+            held: Future[PromptGroup] = Future()
+            self.held.append(held)
+            return held
+        self.inflight += 1
+        self.most_inflight = max(self.most_inflight, self.inflight)
+        future = self.inner.submit(prompt_ids, n, sampling)
+        future.add_done_callback(lambda _: self._done())
+        return future
 
-    def generate(self, prompts: Any, n: int, sampling: Sampling) -> list[PromptGroup]:
-        self.calls.append((len(prompts), n, sampling))
-        self.entered.set()
-        self.release.wait(30)
-        return self.inner.generate(prompts, n, sampling)
-
-    def load_state_dict(self, named_tensors: Any) -> None:
-        self.inner.load_state_dict(named_tensors)
-
-    def state_dict_names_and_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        return self.inner.state_dict_names_and_shapes()
+    def _done(self) -> None:
+        self.inflight -= 1
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +122,21 @@ def hf_backend(model_dir: Path) -> HFBackend:
     return HFBackend(model_dir)
 
 
-def _worker(run: str, url: str, backend: Backend, redis: aioredis.Redis, per_batch: int = 8) -> RolloutWorker:
-    cfg = load_config(None, [f"name={run}", f"redis.url={url}", f"rollout.prompts_per_batch={per_batch}",
+def _worker(run: str, url: str, backend: Backend, redis: aioredis.Redis, inflight: int = 8) -> RolloutWorker:
+    cfg = load_config(None, [f"name={run}", f"redis.url={url}", f"rollout.max_inflight_groups={inflight}",
                              "streams.block_ms=100"], environ={})  # fmt: skip
     return RolloutWorker(cfg, backend, redis, consumer="inproc")
 
 
-async def test_batch_groups_alike_sampling_dead_letters_refused_tasks_and_drops_duplicates(
+async def _drive(worker: RolloutWorker, until: Callable[[], Awaitable[bool]], timeout_s: float = 60) -> None:
+    """Run worker steps until ``until()`` holds."""
+    deadline = time.monotonic() + timeout_s
+    while not await until():
+        assert time.monotonic() < deadline, "the worker did not get there in time"
+        await worker.step(claim=False)
+
+
+async def test_groups_are_written_as_they_finish_refused_tasks_dead_lettered_and_duplicates_dropped(
     hf_backend: HFBackend, redis_client: aioredis.Redis, redis_url: str, run_name: str
 ) -> None:
     spy = SpyBackend(hf_backend)
@@ -135,25 +145,49 @@ async def test_batch_groups_alike_sampling_dead_letters_refused_tasks_and_drops_
     await prompts.ensure_group()
     tasks = [task(0), task(1), task(2, temperature=0.7), task(3, n=3), task(4, max_new_tokens=400), task(1)]
     await prompts.produce_many([t.to_bytes() for t in tasks])
-    assert await worker.step(claim=False) == 4
-    # p0+p1 share one call; p2 (other temperature), p3 (other n) and p4 (refused, then retried alone) get their own
-    shapes = sorted((count, n, s.temperature, s.max_new_tokens) for count, n, s in spy.calls)
-    assert shapes == [(1, 2, 0.7, 8), (1, 2, 1.0, 400), (1, 3, 1.0, 8), (2, 2, 1.0, 8)]
+
+    async def settled() -> bool:
+        return worker.inflight == 0 and (await prompts.info()).pending == 0 and len(spy.calls) == 5
+
+    await _drive(worker, settled)
     groups = await rollouts_of(redis_client, run_name)
     assert sorted(g.task.prompt_id for g in groups) == ["p0", "p1", "p2", "p3"]  # the duplicate p1 was not redone
+    assert sorted(n for n, _ in spy.calls) == [2, 2, 2, 2, 3]  # each group submitted once, with its own sampling
     for g in groups:
         check_group(g, {0})
     [dead] = [
         DeadLetter.from_bytes(f[b"d"]) for _, f in await redis_client.xrange(str(StreamSpec(run_name, DEADLETTER)))
     ]
     assert "context" in dead.error and PromptTask.from_bytes(dead.fields["d"]).prompt_id == "p4"
-    assert (await prompts.info()).pending == 0
     sample = worker.metrics.component.registry.get_sample_value
-    assert sample("dipo_rollout_groups_total") == 4 and sample("dipo_rollout_batch_size") == 5
+    assert sample("dipo_rollout_groups_total") == 4
     assert sample("dipo_rollout_tokens_total") == sum(len(r.token_ids) for g in groups for r in g.responses)
 
 
-async def test_cancelled_batch_is_abandoned_and_stays_pending(
+async def test_the_next_prompt_is_taken_as_a_group_finishes_never_after_a_batch(
+    model_dir: Path, redis_client: aioredis.Redis, redis_url: str, run_name: str
+) -> None:
+    backend = HFBackend(model_dir, eos_token_ids=[])  # every sample runs to its max_new_tokens
+    spy = SpyBackend(backend)
+    try:
+        worker = _worker(run_name, redis_url, spy, redis_client, inflight=2)
+        await worker.prompts.ensure_group()
+        tasks = [task(0, max_new_tokens=120), *(task(i, max_new_tokens=3) for i in range(1, 6))]
+        await worker.prompts.produce_many([t.to_bytes() for t in tasks])
+
+        async def written(count: int) -> bool:
+            return await redis_client.xlen(str(StreamSpec(run_name, ROLLOUTS))) >= count
+
+        await _drive(worker, lambda: written(6))
+    finally:
+        backend.close()
+    order = [g.task.prompt_id for g in await rollouts_of(redis_client, run_name)]
+    # The long group held one of the two slots the whole time; the short ones went through the other one by one.
+    assert order[-1] == "p0" and sorted(order[:-1]) == [f"p{i}" for i in range(1, 6)]
+    assert spy.most_inflight == 2
+
+
+async def test_cancelled_groups_are_abandoned_and_stay_pending(
     hf_backend: HFBackend, redis_client: aioredis.Redis, redis_url: str, run_name: str
 ) -> None:
     spy = SpyBackend(hf_backend)
@@ -163,14 +197,12 @@ async def test_cancelled_batch_is_abandoned_and_stays_pending(
     await worker.prompts.produce_many([task(i).to_bytes() for i in range(3)])
     stop = asyncio.Event()
     running = asyncio.create_task(worker.run(stop))
-    try:
-        await wait_for("generation to start", lambda: asyncio.to_thread(spy.entered.wait, 0.05), 30)
-        stop.set()
-        running.cancel()  # what shutdown does once the grace period is over
-        with pytest.raises(asyncio.CancelledError):
-            await running
-    finally:
-        spy.release.set()
+    await wait_for("three groups in flight", lambda: asyncio.sleep(0, len(spy.held) == 3), 30)
+    stop.set()
+    running.cancel()  # what shutdown does once the grace period is over
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert all(future.cancelled() for future in spy.held)  # the engine was told to drop them
     assert worker.metrics.component.registry.get_sample_value("dipo_rollout_abandoned_total") == 3
     assert len(await worker.prompts.pending_ids()) == 3
     assert await redis_client.xlen(str(StreamSpec(run_name, ROLLOUTS))) == 0
@@ -185,7 +217,7 @@ def write_config(tmp_path: Path, run: str, url: str, model: Path, name: str) -> 
         "redis": {"url": url},
         "streams": {"visibility_timeout_s": 3.0, "block_ms": 200},
         "model": {"name_or_path": str(model)},
-        "rollout": {"prompts_per_batch": 4, "torch_threads": 1, "weight_sync_timeout_s": 20.0},
+        "rollout": {"max_inflight_groups": 4, "torch_threads": 1, "weight_sync_timeout_s": 20.0},
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))

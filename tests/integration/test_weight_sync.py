@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,23 +93,21 @@ def receiver_main(argv: list[str]) -> None:
         log.write(json.dumps(event) + "\n")
         log.flush()
 
-    def apply(named: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        for name, tensor in named:
-            weights[name].copy_(tensor)
-
     receiver = WeightReceiver(args.endpoint, args.id, expected, timeout_s=RECEIVER_TIMEOUT_S)
     receiver.join()
     record(event="joined")
     while not (args.out / "stop").exists():
         try:
-            version = receiver.receive(apply, wait_s=0.3)
+            delivery = receiver.receive(wait_s=0.3)
         except ResyncNeeded as exc:
             record(event="resync", kind=type(exc).__name__, detail=str(exc), digest=digest(weights))
             receiver.join()  # a rollout server would load the newest checkpoint first
             record(event="joined")
             continue
-        if version is not None:
-            record(event="applied", version=version, digest=digest(weights))
+        if delivery is not None:
+            for name, tensor in delivery.named:  # what a rollout server's swap does with the staged views
+                weights[name].copy_(tensor)
+            record(event="applied", version=delivery.version, digest=digest(weights), fingerprint=delivery.fingerprint)
     save_file(weights, str(args.out / "final.safetensors"))
     receiver.close()
     record(event="stopped")
@@ -210,10 +208,15 @@ def test_receivers_get_identical_weights_and_a_late_joiner_catches_up(
         assert endpoint is not None and endpoint.decode() == learner.endpoint
         a, b = spawn(learner.endpoint, "a"), spawn(learner.endpoint, "b")
         assert learner.wait_for_receivers(2, START_TIMEOUT_S) == 2
+        fingerprints = {}
         for version in (1, 2, 3):
             report = learner.broadcast(make_weights(version).items(), version)
             assert sorted(m.split("#")[0] for m in report.receivers) == ["a", "b"]
             assert report.dropped == {} and report.bytes >= sum(t.nbytes for t in make_weights(1).values())
+            fingerprints[version] = report.fingerprint
+            # the same weights give the same fingerprint without a round, and other weights another one
+            assert learner.fingerprint(list(make_weights(version).items()), version) == report.fingerprint
+        assert len(set(fp.partition(":")[2] for fp in fingerprints.values())) == 3
         late = spawn(learner.endpoint, "late")
         assert learner.wait_for_receivers(3, START_TIMEOUT_S) == 3
         report = learner.broadcast(make_weights(4).items(), 4)
@@ -228,6 +231,7 @@ def test_receivers_get_identical_weights_and_a_late_joiner_catches_up(
         assert receiver.applied() == [1, 2, 3, 4]
         applied = [e for e in receiver.events() if e["event"] == "applied"]
         assert [e["digest"] for e in applied] == [digest(make_weights(v)) for v in (1, 2, 3, 4)]
+        assert [e["fingerprint"] for e in applied[:3]] == [fingerprints[v] for v in (1, 2, 3)]
     assert late.applied() == [4]
     for receiver in (a, b, late):
         assert_same(receiver.final(), make_weights(4))
@@ -341,7 +345,7 @@ def test_manifest_round_trips_and_malformed_layouts_are_rejected() -> None:
         Manifest.decode(b"\x92\x01")  # valid msgpack, not a manifest
 
 
-@pytest.mark.parametrize("algo", ["crc32", "sum64"])
+@pytest.mark.parametrize("algo", ["xxh3", "crc32", "sum64"])
 def test_checksums_notice_one_flipped_bit(algo: str) -> None:
     data = torch.randint(0, 256, (2 * BUCKET_PAD,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     flipped = data.clone()

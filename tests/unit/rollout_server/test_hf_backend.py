@@ -15,8 +15,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rollout_server.backends import BackendOptions, create_backend
-from rollout_server.backends.base import PromptGroup
-from rollout_server.backends.hf import HFBackend, draw, filter_logits
+from rollout_server.backends.base import PromptGroup, Span, WeightsTag
+from rollout_server.backends.hf import HFBackend
+from rollout_server.backends.sampling import draw, filter_logits
 from services.modeling.loading import DEFAULT_MODEL, load_tokenizer
 from services.protocol import Sampling
 
@@ -160,7 +161,7 @@ def test_groups_follow_prompt_order_with_n_samples(backend: HFBackend) -> None:
     assert backend.generate([], n=2, sampling=Sampling()) == []
 
 
-def test_load_state_dict_changes_the_policy(tiny_model_dir: Path) -> None:
+def test_swap_changes_the_policy(tiny_model_dir: Path) -> None:
     local = HFBackend(tiny_model_dir, eos_token_ids=[])
     names = dict(local.state_dict_names_and_shapes())
     assert names["lm_head.weight"] == (len(local.tokenizer), 64)
@@ -168,15 +169,16 @@ def test_load_state_dict_changes_the_policy(tiny_model_dir: Path) -> None:
     before = local.generate(PROMPTS[:1], n=1, sampling=sampling)[0].completions[0]
     bias_row = torch.zeros(names["lm_head.weight"])
     bias_row[42] = 1.0  # every hidden state now scores token 42 by the sum of its entries
-    local.load_state_dict(
-        [("lm_head.weight", bias_row), ("model.norm.weight", torch.full(names["model.norm.weight"], 5.0))]
-    )
+    new = [("lm_head.weight", bias_row), ("model.norm.weight", torch.full(names["model.norm.weight"], 5.0))]
+    canary = local.swap(new, WeightsTag(1, "v1:test"), canary_ids=[1, 2, 3]).result(timeout=60)
+    assert canary.shape == (2,) and np.isfinite(canary).all()
     after = local.generate(PROMPTS[:1], n=1, sampling=sampling)[0].completions[0]
     assert not np.array_equal(before.token_ids, after.token_ids)
+    assert after.spans == [Span(0, WeightsTag(1, "v1:test"))] and local.state().weights.version == 1
     with pytest.raises(ValueError, match="unknown weight"):
-        local.load_state_dict([("no.such.weight", torch.zeros(1))])
+        local.swap([("no.such.weight", torch.zeros(1))], WeightsTag(2), [1, 2])
     with pytest.raises(ValueError, match="shape"):
-        local.load_state_dict([("model.norm.weight", torch.zeros(3))])
+        local.swap([("model.norm.weight", torch.zeros(3))], WeightsTag(2), [1, 2])
     local.close()
     with pytest.raises(RuntimeError, match="closed"):
         local.generate(PROMPTS[:1], n=1, sampling=sampling)

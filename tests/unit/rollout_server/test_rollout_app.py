@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub, even by accident
 
+import asyncio
 import importlib.util
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,8 +20,10 @@ from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
 from rollout_server.app import create_app
+from rollout_server.backends.base import WeightsTag
 from rollout_server.backends.hf import HFBackend
-from rollout_server.sync import CheckpointError, PolicyWeights, read_checkpoint
+from rollout_server.checkpoints import CheckpointError, read_checkpoint
+from rollout_server.policy_weights import PolicyWeights
 from services.config import RunConfig, load_config
 from services.contracts import PolicyView
 from services.protocol import Sampling
@@ -64,11 +67,27 @@ def _generate_body(**kw: object) -> dict:
     return body
 
 
-async def test_health_generates_a_token_and_reports_the_version(client: httpx.AsyncClient) -> None:
+async def test_health_reports_the_engine_and_the_version(client: httpx.AsyncClient) -> None:
     resp = await client.get("/health")
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["ok"] is True and body["version"] == 0 and body["worker"] == "disabled"
+    assert body["max_rows"] > 0 and body["rows"] == 0 and body["groups"] == 0
+
+
+async def test_health_answers_while_generation_runs(client: httpx.AsyncClient, backend: HFBackend) -> None:
+    long = Sampling(temperature=1.0, max_new_tokens=180, seed=0)  # within the tiny model's 256 positions
+    future = backend.submit(backend.encode_prompts([MESSAGES])[0], 8, long)
+    try:
+        while backend.state().rows == 0 and not future.done():  # wait until the group is in the decode batch
+            await asyncio.sleep(0.01)
+        assert not future.done(), future.exception()  # a refused group fails here instead of hanging the loop
+        resp = await client.get("/health")
+        # answered from the engine's state while the 8 x 180-token group still decodes, not queued behind it
+        assert resp.status_code == 200 and resp.json()["rows"] == 8 and resp.json()["groups"] == 1
+        assert not future.done()
+    finally:
+        future.cancel()
 
 
 async def test_generate_returns_n_completions_with_matching_logprobs(client: httpx.AsyncClient) -> None:
@@ -211,19 +230,20 @@ def test_read_checkpoint_wants_exactly_the_model_names(tmp_path: Path) -> None:
         read_checkpoint(tmp_path, {"a": (3, 2), "b": (4,), "c": (1,)})
 
 
-def test_swaps_wait_for_the_batch_and_notify_after(backend: HFBackend) -> None:
+def test_swaps_score_the_canary_and_notify_after(backend: HFBackend) -> None:
     weights = PolicyWeights(backend)
-    heard: list[int] = []
-    weights.add_listener(heard.append)
+    heard: list[tuple[int, int]] = []
+    weights.add_listener(lambda tag, canary: heard.append((tag.version, canary.version)))
     named = [(k, v.detach().clone()) for k, v in backend.model.named_parameters()]
-    with weights.batch() as version:
-        assert version == 0
-        assert not weights._lock.acquire(blocking=False)  # a swap would wait here
-    weights.swap(named, 2)
-    assert weights.version == 2 and heard == [2] and not weights.dirty
+    canary = weights.swap(named, WeightsTag(2, "v2:x"))
+    assert weights.version == 2 and heard == [(2, 2)] and not weights.dirty
+    assert canary.weights == "v2:x" and len(canary.logprobs) == len(weights.canary_ids) - 1
+    assert weights.canary_fields("me", [2, 9]).keys() == {"me:2"}  # only versions it holds a scoring of
     with pytest.raises(ValueError):
-        weights.swap([("no.such.weight", torch.zeros(1))], 3)
-    assert weights.dirty and weights.version == 2 and heard == [2]
+        weights.swap([("no.such.weight", torch.zeros(1))], WeightsTag(3))
+    assert weights.dirty and weights.version == 2 and heard == [(2, 2)]
+    weights.swap(named, WeightsTag(4))  # a whole swap makes the weights whole again
+    assert not weights.dirty
 
 
 # ------------------------------------------------------------------ vLLM (only where it is installed)
@@ -249,7 +269,7 @@ def test_vllm_backend_samples_with_logprobs_of_the_sampling_distribution(tiny_mo
             np.testing.assert_allclose(c.logprobs, expected.squeeze(-1).numpy(), atol=2e-3)
         names = dict(vb.state_dict_names_and_shapes())
         shifted = [(k, v + 0.5) for k, v in reference.state_dict().items() if k in names]
-        vb.load_state_dict(shifted)
+        vb.swap(shifted, WeightsTag(1), [1, 2, 3]).result(120)
         [after] = vb.generate([MESSAGES], 4, sampling)
         assert [c.token_ids.tolist() for c in after.completions] != [c.token_ids.tolist() for c in group.completions]
     finally:

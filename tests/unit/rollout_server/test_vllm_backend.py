@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub, even by accident
 
 import importlib.util
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from model_factories import save_tiny_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 
 from rollout_server.backends import Backend, PromptGroup
+from rollout_server.backends.base import WeightsTag
 from services.modeling.loading import DEFAULT_MODEL, resolve_model_path
 from services.protocol import Sampling
 
@@ -34,6 +36,7 @@ torch.set_num_threads(2)
 # Documented tolerance of the log-prob contract for vLLM (docs/ROLLOUT.md): its fused CPU kernels and paged
 # attention sum in another order than a plain transformers forward.
 LOGPROB_ATOL = 2e-3
+CANARY = [1, 15, 200, 34, 99, 7]
 PROMPTS = [
     [{"role": "user", "content": "What is 3 + 4?"}],
     [{"role": "user", "content": "Add 12 and 30, then explain in one sentence why the result is even."}],
@@ -52,7 +55,6 @@ def vllm_backend(tiny_model_dir: Path) -> Iterator[Backend]:
     from rollout_server.backends.vllm import VLLMBackend
 
     backend = VLLMBackend(tiny_model_dir, dtype="float32", enforce_eager=True, num_threads=2)
-    assert torch.get_num_threads() == 2  # vLLM freezes torch.set_num_threads: the count must be set before
     yield backend
     backend.close()
 
@@ -145,7 +147,7 @@ def test_completions_end_and_decode_as_the_contract_says(vllm_backend: Backend) 
 
 def test_truncated_sampling_records_the_renormalised_logprob(vllm_backend: Backend, reference: PreTrainedModel) -> None:
     """Top-k then top-p, renormalised (docs/SAMPLING.md), as the hf backend's filter_logits computes it."""
-    from rollout_server.backends.hf import filter_logits
+    from rollout_server.backends.sampling import filter_logits
 
     sampling = Sampling(temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=10, seed=4)
     groups = vllm_backend.generate(PROMPTS, 3, sampling)
@@ -171,23 +173,47 @@ def test_weight_loads_change_generation_and_restore_it(vllm_backend: Backend, re
     sampling = Sampling(temperature=1.0, max_new_tokens=8, seed=5)
     before = backend.generate(PROMPTS, 2, sampling)
     try:
-        backend.load_state_dict([(k, v + 0.5) for k, v in original])
+        backend.swap([(k, v + 0.5) for k, v in original], WeightsTag(1, "v1:shifted"), [1, 2, 3]).result(120)
         shifted = backend.generate(PROMPTS, 2, sampling)
         assert token_lists(shifted) != token_lists(before)
+        assert {s.weights for g in shifted for c in g.completions for s in c.spans} == {WeightsTag(1, "v1:shifted")}
     finally:
-        backend.load_state_dict(original)
+        canary = backend.swap(original, WeightsTag(2, "v2:back"), CANARY).result(120)
     restored = backend.generate(PROMPTS, 2, sampling)
     assert token_lists(restored) == token_lists(before)
     assert max_logprob_error(restored, reference, 1.0) < LOGPROB_ATOL
+    ids = torch.tensor([CANARY])
+    with torch.no_grad():
+        expected = reference(ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    np.testing.assert_allclose(canary, expected.numpy(), atol=LOGPROB_ATOL)
+
+
+def test_an_update_lands_in_flight_and_the_response_records_both_versions(vllm_backend: Backend) -> None:
+    backend = vllm_backend
+    before = backend.state().weights
+    nothing: list[tuple[str, torch.Tensor]] = []  # the swap below changes no weight, only the version label
+    long = Sampling(temperature=1.0, max_new_tokens=460, seed=3)  # within the tiny model's 512 positions
+    future = backend.submit(backend.encode_prompts(PROMPTS[:1])[0], 8, long)
+    time.sleep(0.2)  # let it decode some tokens first
+    assert not future.done()
+    backend.swap(nothing, WeightsTag(7, "v7:same"), [1, 2]).result(120)
+    group = future.result(300)
+    spans = [[(s.start, s.weights.version) for s in c.spans] for c in group.completions]
+    assert all(versions[-1][1] == 7 for versions in spans)
+    # sequences that were decoding when the swap landed carry both versions, the old span first, at token 0
+    both = [versions for versions in spans if len(versions) == 2]
+    assert both, spans
+    assert all(v[0] == (0, before.version) and 0 < v[1][0] for v in both)
+    backend.swap(nothing, before, [1, 2]).result(120)  # the module's other tests see the version they started with
 
 
 def test_weight_loads_check_names_and_shapes(vllm_backend: Backend) -> None:
     backend = vllm_backend
     name, shape = backend.state_dict_names_and_shapes()[0]
     with pytest.raises(ValueError, match="unknown weight"):
-        backend.load_state_dict([("model.nope.weight", torch.zeros(shape))])
+        backend.swap([("model.nope.weight", torch.zeros(shape))], WeightsTag(9), [1, 2])
     with pytest.raises(ValueError, match="expected"):
-        backend.load_state_dict([(name, torch.zeros(*shape, 2))])
+        backend.swap([(name, torch.zeros(*shape, 2))], WeightsTag(9), [1, 2])
 
 
 def test_default_model_logprobs_match_a_teacher_forced_forward(vllm_backend: Backend) -> None:

@@ -49,13 +49,15 @@ def make_prompt(n: int = 3, kind: str = "math") -> PromptTask:
 
 def make_response(length: int, seed: int = 0, version: int = 3) -> Response:
     rng = np.random.default_rng(seed)
+    spans = 2 if length > 1 else 1  # a response that spans a weight update, when it has the tokens to
     return Response(
         token_ids=rng.integers(0, 2**32 - 1, size=length, dtype=np.uint32),
         logprobs=-rng.exponential(size=length).astype(np.float32),
         text="x" * length,
         finish_reason="length" if length else "abort",
-        version_first=version,
-        version_last=version + 1,
+        span_starts=np.array([0, length // 2][:spans], dtype=np.uint32),
+        span_versions=np.array([version, version + 1][:spans], dtype=np.uint32),
+        span_weights=[f"v{version}:aa", f"v{version + 1}:bb"][:spans],
     )
 
 
@@ -234,7 +236,12 @@ ENCODE_BUGS = {
     "logprobs nan": ("response", lambda m: m.logprobs.__setitem__(0, np.nan)),
     "logprobs -inf": ("response", lambda m: m.logprobs.__setitem__(0, -np.inf)),
     "finish reason": ("response", lambda m: setattr(m, "finish_reason", "eos")),
-    "versions reversed": ("response", lambda m: setattr(m, "version_last", m.version_first - 1)),
+    "versions reversed": ("response", lambda m: setattr(m, "span_versions", m.span_versions[::-1].copy())),
+    "span beyond the tokens": ("response", lambda m: setattr(m, "span_starts", np.array([0, 99], np.uint32))),
+    "no span at token 0": ("response", lambda m: setattr(m, "span_starts", np.array([1, 2], np.uint32))),
+    "spans not increasing": ("response", lambda m: setattr(m, "span_starts", np.array([0, 0], np.uint32))),
+    "fingerprints vs spans": ("response", lambda m: m.span_weights.pop()),
+    "no span": ("response", lambda m: setattr(m, "span_starts", np.zeros(0, np.uint32))),
     "responses vs n": ("rollout", lambda m: m.responses.pop()),
     "negative gen seconds": ("rollout", lambda m: setattr(m, "gen_seconds", -1.0)),
     "status short": ("scored", lambda m: m.status.pop()),
@@ -295,7 +302,9 @@ def _with(tag: str, edit: Any) -> bytes:
 
 
 DECODE_BUGS: dict[str, tuple[str, Any]] = {
-    "wrong version": ("prompt", lambda m: m.update(v=2)),
+    "wrong version": ("prompt", lambda m: m.update(v=SCHEMA_VERSION + 1)),
+    "version 0": ("prompt", lambda m: m.update(v=0)),
+    "v1 response with a bad version": ("rollout", lambda m: _as_v1(m, version_first="3")),
     "version as bool": ("prompt", lambda m: m.update(v=True)),
     "version as list": ("prompt", lambda m: m.update(v=[1])),
     "no version": ("prompt", lambda m: m.pop("v")),
@@ -322,6 +331,24 @@ DECODE_BUGS: dict[str, tuple[str, Any]] = {
     "json too deep": ("prompt", lambda m: m.update(ground_truth=_nested(40))),
     "dl fields str values": ("deadletter", lambda m: m.update(fields={"d": "x"})),
 }
+
+
+def _as_v1(m: dict[str, Any], **response: Any) -> None:
+    """Rewrite a rollout map as a version-1 producer wrote it (one version per response, no spans)."""
+    m["v"] = 1
+    for r in m["responses"]:
+        version = int(np.frombuffer(r.pop("span_versions"), "<u4")[0])
+        del r["span_starts"], r["span_weights"]
+        r.update({"version_first": version, "version_last": version} | response)
+
+
+def test_version_1_rollouts_decode_as_one_span_from_token_0() -> None:
+    group = make_rollout()
+    back = RolloutGroup.from_bytes(_with("rollout", _as_v1))
+    for old, new in zip(group.responses, back.responses, strict=True):
+        assert new.span_starts.tolist() == [0] and new.span_versions.tolist() == [old.version_first]
+        assert new.span_weights == [""] and np.array_equal(new.token_ids, old.token_ids)
+    assert back.oldest_version == group.oldest_version
 
 
 @pytest.mark.parametrize("case", list(DECODE_BUGS))
