@@ -282,7 +282,9 @@ def _dipo_steps(lines: list[dict[str, Any]], samples_per_prompt: int) -> list[di
         stamp = float(line.get("elapsed_s", line.get("time", 0.0)))
         wall = stamp - previous if previous is not None else float(line.get("elapsed_s", 0.0))
         previous = stamp
-        parts = {k: float(line.get(k) or 0.0) for k in ("wait_seconds", "sync_seconds", "gather_seconds")}
+        # What the learner blocked on: the batch wait, the previous publication (a publication overlaps the next
+        # batch wait, so its own duration `sync_seconds` is not part of the step), the gather, the checkpoint.
+        parts = {k: float(line.get(k) or 0.0) for k in ("wait_seconds", "sync_wait_seconds", "gather_seconds")}
         parts["checkpoint_seconds"] = float(line.get("checkpoint_seconds") or 0.0)
         train = float(line.get("step_seconds") or 0.0)
         consumed = float(line.get("groups_consumed") or 0.0)
@@ -293,6 +295,7 @@ def _dipo_steps(lines: list[dict[str, Any]], samples_per_prompt: int) -> list[di
                 "training_seconds": train,
                 "non_training_seconds": wall - train,
                 "forward_backward_seconds": float(line.get("forward_backward_seconds") or 0.0),
+                "publication_seconds": float(line.get("sync_seconds") or 0.0),
                 "proximal_seconds": float(line.get("proximal_seconds") or 0.0),
                 **parts,
                 "other_seconds": wall - train - sum(parts.values()),
@@ -347,7 +350,8 @@ def run_dipo(
         "median_training_seconds": _median([s["training_seconds"] for s in later]),
         "median_non_training_seconds": _median([s["non_training_seconds"] for s in later]),
         "median_wait_seconds": _median([s["wait_seconds"] for s in later]),
-        "median_sync_seconds": _median([s["sync_seconds"] for s in later]),
+        "median_sync_wait_seconds": _median([s["sync_wait_seconds"] for s in later]),
+        "median_publication_seconds": _median([s["publication_seconds"] for s in later]),
         "median_forward_backward_seconds": _median([s["forward_backward_seconds"] for s in later]),
         "median_proximal_seconds": _median([s["proximal_seconds"] for s in later]),
         "completions_per_second": (

@@ -20,13 +20,14 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 import numpy as np
 import redis.asyncio as aioredis
 
 from learner.advantages import group_advantages
+from learner.provenance import Provenance
 from services.config import RunConfig
 from services.contracts import LEARNER_CONSUMER, LEARNER_GROUP, SCORED
 from services.contracts import MetricKey as K
@@ -160,16 +161,29 @@ def decode_samples(data: bytes | bytearray | memoryview) -> list[Sample]:
 # ---------------------------------------------------------------------------------------------------- micro-batches
 
 
-def micro_batches(samples: Sequence[Sample], token_budget: int) -> list[list[Sample]]:
-    """Split samples into micro-batches of similar length whose padded size (count x longest) fits the budget.
+class HasLength(Protocol):
+    """Anything with a token length: a Sample, or a packed row of learner/packing.py."""
+
+    @property
+    def length(self) -> int:
+        """Tokens it occupies in a micro-batch row."""
+        ...
+
+
+_Item = TypeVar("_Item", bound=HasLength)
+
+
+def micro_batches(samples: Sequence[_Item], token_budget: int) -> list[list[_Item]]:
+    """Split samples (or packed rows) into micro-batches of similar length whose padded size (count x longest) fits
+    the budget.
 
     Longest first, so a budget that is too small fails on the first micro-batch; a sample longer than the budget
     gets a micro-batch of its own. Every sample appears exactly once.
     """
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
-    batches: list[list[Sample]] = []
-    current: list[Sample] = []
+    batches: list[list[_Item]] = []
+    current: list[_Item] = []
     for sample in sorted(samples, key=lambda s: s.length, reverse=True):
         # descending order: the first sample of `current` is its longest
         if current and (len(current) + 1) * current[0].length > token_budget:
@@ -230,6 +244,15 @@ class AssemblerState:
         if not all(isinstance(s, str) for s in seen) or not all(isinstance(v, int) for v in totals.values()):
             raise ValueError("assembler state: seen_ids must be strings and totals ints")
         return cls(list(seen), dict(totals))
+
+
+def carries_signal(group: ScoredGroup, alpha: float) -> bool:
+    """Whether dynamic sampling keeps the group. The reward service's ``signal`` counts a reallocation as signal;
+    with ``alpha == 0`` the reallocated rewards weigh nothing, so only a spread of R counts, exactly as in DAPO
+    (a reallocated all-equal group would otherwise take a batch slot and train with zero advantages)."""
+    if not group.signal:
+        return False
+    return alpha > 0 or bool(np.ptp(group.reward) > 0)
 
 
 def group_samples(group: ScoredGroup, cfg: RunConfig) -> list[Sample]:
@@ -314,8 +337,11 @@ class BatchAssembler:
         totals: Mapping[str, int] | None = None,
         on_settled: Settled | None = None,
         seen_capacity: int = SEEN_CAPACITY,
+        provenance: Provenance | None = None,
     ) -> None:
         self.cfg = cfg
+        self.provenance = provenance
+        """Checks that each group's weights are the learner's (None: every group is trusted, as in tests)."""
         self.redis = redis
         self.consumer = consumer
         self.client = StreamClient.from_config(redis, cfg, SCORED, LEARNER_GROUP, consumer)
@@ -323,7 +349,8 @@ class BatchAssembler:
         self.seen_capacity = seen_capacity
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._remember(seen_ids)
-        self.totals: dict[str, int] = {reason: 0 for reason in DROP_REASONS} | {"consumed": 0, "used": 0}
+        self.totals: dict[str, int] = {reason: 0 for reason in DROP_REASONS} | {"consumed": 0, "used": 0,
+                                                                                 "provenance": 0}  # fmt: skip
         self.totals.update(totals or {})
         self._backlog: deque[tuple[str, ScoredGroup | None]] = deque()  # None: entry deleted while pending
         self._started = False
@@ -409,7 +436,7 @@ class BatchAssembler:
             return "duplicate"
         if group.oldest_version < version - self.cfg.learner.max_staleness:
             return "stale"
-        if not group.signal and self.cfg.learner.dynamic_sampling:
+        if not carries_signal(group, self.cfg.learner.alpha) and self.cfg.learner.dynamic_sampling:
             return "no_signal"
         return "used"
 
@@ -441,6 +468,8 @@ class BatchAssembler:
                     self._outage.reset()
                 continue
             entry_id, group = self._backlog.popleft()
+            if group is not None and not await self._trusted(entry_id, group, stop):
+                continue
             taken.append((entry_id, group))
             if group is None:
                 continue
@@ -458,6 +487,26 @@ class BatchAssembler:
         batch = self._finish(taken, used, dropped, returned_ids, version, time.monotonic() - began)
         batch.dropped_ids = dropped_ids
         return batch
+
+    async def _trusted(self, entry_id: str, group: ScoredGroup, stop: asyncio.Event | None) -> bool:
+        """Whether the group's weights are the learner's; an untrusted group is dead-lettered with the reason (and
+        its prompt settled as dropped). On a Redis outage the entry goes back to the front of the queue."""
+        if self.provenance is None:
+            return True
+        try:
+            problem = await self.provenance.check(group.rollout)
+            if problem is not None:
+                await self.client.dead_letter([(Entry(entry_id, {DATA_FIELD: group.to_bytes()}), problem)])
+        except TRANSIENT_ERRORS as exc:
+            self._backlog.appendleft((entry_id, group))
+            await self._outage.pause(exc, stop)
+            return False
+        if problem is None:
+            return True
+        self.totals["provenance"] += 1
+        if self.on_settled is not None:
+            self.on_settled([], [group.rollout.task.prompt_id])
+        return False
 
     def _finish(
         self,
@@ -482,6 +531,7 @@ class BatchAssembler:
             self.on_settled(used_ids, [])
         stats = batch_stats(consumed, used, version)
         stats |= {f"dropped_{reason}": float(self.totals[reason]) for reason in DROP_REASONS}
+        stats[K.DROPPED_PROVENANCE] = float(self.totals.get("provenance", 0))
         stats["returned"] = float(len(returned_ids))
         stats[K.TOKENS] = float(sum(len(s.response_ids) for s in samples if s.trainable))
         stats[K.WAIT_SECONDS] = waited_s

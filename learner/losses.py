@@ -349,7 +349,7 @@ def response_token_mask(response_mask: Tensor) -> Tensor:
     return torch.arange(width, device=response_mask.device).unsqueeze(0) < lengths.unsqueeze(1)
 
 
-def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """Return (the model body that yields hidden states, the output projection) of an HF causal LM."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
@@ -390,7 +390,7 @@ def score_responses(
     rm = response_mask.bool()
     if rm[:, 0].any():
         raise ValueError("a response token at position 0 has no context to be predicted from: put the prompt first")
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -24,15 +24,17 @@ from services.config import RunConfig
 VOCAB = 64
 
 
-def build_cfg(loss: str = "dapo") -> RunConfig:
-    """The run config of the step: a large lr so that a wrong gradient sum shows, tiny micro-batches."""
-    return RunConfig.model_validate(
-        {"learner": {"lr": 1e-3, "loss": loss, "micro_batch_tokens": 64}, "sampling": {"max_new_tokens": 16}}
-    )
+def build_cfg(loss: str = "dapo", minibatches: int = 1, epochs: int = 1, checkpointing: bool = False) -> RunConfig:
+    """The run config of the step: a large lr so that a wrong gradient sum shows, tiny micro-batches (groups
+    longer than 64 tokens are split), and with `minibatches` x `epochs` > 1 several updates per step."""
+    learner = {"lr": 1e-3, "loss": loss, "micro_batch_tokens": 64, "minibatches": minibatches, "epochs": epochs}
+    learner["gradient_checkpointing"] = checkpointing
+    return RunConfig.model_validate({"learner": learner, "sampling": {"max_new_tokens": 16}})
 
 
-def build_model() -> LlamaForCausalLM:
-    """A 2-layer tied-embedding Llama in float64 (ranks and the reference then agree far below 1e-6)."""
+def build_model(tied: bool = True) -> LlamaForCausalLM:
+    """A 2-layer Llama in float64 (ranks and the reference then agree far below 1e-6), tied embeddings unless
+    asked otherwise (untied: FSDP2 keeps the output layer in the root unit for the chunked head)."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -42,23 +44,30 @@ def build_model() -> LlamaForCausalLM:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         attn_implementation="sdpa",
     )
     return LlamaForCausalLM(config).to(torch.float64)
 
 
+GROUP_SIZES = (4, 3, 1, 3)
+"""Responses per group (a group shares its prompt and group id, so the shared-prefix layout packs it)."""
+
+
 def build_samples(count: int = 11) -> list[Sample]:
-    """Samples of uneven lengths (11 by default: the shards differ), the fourth one untrainable."""
+    """The first `count` samples of groups of uneven sizes and lengths (11 by default: the shards differ), the
+    fourth one untrainable (the overlong filter's mark)."""
     rng = np.random.default_rng(0)
     samples = []
-    for i in range(count):
+    for g, size in enumerate(GROUP_SIZES):
         prompt = rng.integers(0, VOCAB, int(rng.integers(4, 20))).astype(np.uint32)
-        response = rng.integers(0, VOCAB, int(rng.integers(2, 16))).astype(np.uint32)
-        behaviour = rng.uniform(-5.0, -3.0, len(response)).astype(np.float32)
-        advantage = float(rng.normal())
-        samples.append(Sample(f"s{i}", prompt, response, behaviour, advantage, 1.0, 0, trainable=i != 3))
-    return samples
+        for _ in range(size):
+            response = rng.integers(0, VOCAB, int(rng.integers(2, 16))).astype(np.uint32)
+            behaviour = rng.uniform(-5.0, -3.0, len(response)).astype(np.float32)
+            advantage = float(rng.normal())
+            trainable = len(samples) != 3
+            samples.append(Sample(f"g{g}", prompt, response, behaviour, advantage, 1.0, 0, trainable=trainable))
+    return samples[:count]
 
 
 def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -77,13 +86,17 @@ def main() -> None:
     parser.add_argument("--loss", default="dapo")
     parser.add_argument("--samples", type=int, default=11, help="batch size (1: rank 1 has nothing to train on)")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (on gloo) instead of replicating")
+    parser.add_argument("--minibatches", type=int, default=1, help="PPO mini-batches per step")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the mini-batches")
+    parser.add_argument("--untied", action="store_true", help="an output layer of its own")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = build_cfg(args.loss)
+    cfg = build_cfg(args.loss, args.minibatches, args.epochs, args.gradient_checkpointing)
     dist = init_distributed(cfg, timeout_s=60.0)
     try:
         payload = broadcast_bytes(encode_samples(build_samples(args.samples)) if dist.rank == 0 else None)
-        trainer = Trainer(cfg, build_model(), dist, use_fsdp=args.fsdp)
+        trainer = Trainer(cfg, build_model(tied=not args.untied), dist, use_fsdp=args.fsdp)
         metrics = trainer.train_step(decode_samples(payload))
         params = full_parameters(trainer.model)
         if dist.rank == 0:

@@ -44,14 +44,16 @@ def build_cfg(model: Path, run_dir: Path) -> RunConfig:
 
 
 def build_samples(step: int, count: int = 9) -> list[Sample]:
-    """The batch of `step` (a different one per step): uneven lengths, so the ranks' shards differ."""
+    """The batch of `step` (a different one per step): groups of 3 responses sharing a prompt (the shared-prefix
+    layout packs each), uneven lengths, so the ranks' shards differ."""
     rng = np.random.default_rng(step)
     samples = []
     for i in range(count):
-        prompt = rng.integers(0, VOCAB, int(rng.integers(4, 20))).astype(np.uint32)
+        if i % 3 == 0:
+            prompt = rng.integers(0, VOCAB, int(rng.integers(4, 20))).astype(np.uint32)
         response = rng.integers(0, VOCAB, int(rng.integers(2, 16))).astype(np.uint32)
         behaviour = rng.uniform(-5.0, -3.0, len(response)).astype(np.float32)
-        samples.append(Sample(f"s{step}-{i}", prompt, response, behaviour, float(rng.normal()), 1.0, 0))
+        samples.append(Sample(f"s{step}-{i // 3}", prompt, response, behaviour, float(rng.normal()), 1.0, 0))
     return samples
 
 

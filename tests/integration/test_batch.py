@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+import torch
 from factories import math_group
 
 from learner.advantages import group_advantages
@@ -23,10 +24,13 @@ from learner.batch import (
     encode_samples,
     micro_batches,
 )
+from learner.losses import truncated_is_weights
+from learner.provenance import Provenance, canary_reference
+from services.canary import CanaryScore, encode_scorings, server_field
 from services.config import RunConfig
-from services.contracts import SCORED
-from services.protocol import ProtocolError, ScoredGroup
-from services.streams import DATA_FIELD, StreamSpec
+from services.contracts import CANARIES, DEADLETTER, QUARANTINE, SCORED
+from services.protocol import DeadLetter, ProtocolError, ScoredGroup
+from services.streams import DATA_FIELD, StreamSpec, run_key
 
 
 def scored(
@@ -271,3 +275,88 @@ def test_micro_batches_fit_the_budget_and_keep_every_sample_once() -> None:
     assert micro_batches([], 64) == []
     with pytest.raises(ValueError):
         micro_batches(samples, 0)
+
+
+# ------------------------------------------------------------------ groups sampled across a weight update
+
+
+def across_update(group: ScoredGroup, first: int, last: int, switch: int = 3) -> ScoredGroup:
+    """The group as if weights changed mid-generation: tokens before ``switch`` by ``first``, the rest by ``last``."""
+    for r in group.rollout.responses:
+        r.span_starts = np.array([0, switch], dtype="<u4")
+        r.span_versions = np.array([first, last], dtype="<u4")
+        r.span_weights = [f"v{first}:test", f"v{last}:test"]
+    return group
+
+
+async def test_a_group_sampled_across_an_update_is_as_stale_as_its_oldest_span(
+    redis_client: aioredis.Redis, run_name: str
+) -> None:
+    assembler = BatchAssembler(config(run_name, pps=1, eta=2), redis_client)
+    old, fresh = across_update(scored("old", MIXED), 1, 4), across_update(scored("fresh", MIXED), 2, 4)
+    await produce(redis_client, run_name, old, fresh)
+    batch = await assembler.next_batch(4)
+    assert batch is not None
+    assert (
+        batch.used_ids == ["fresh"] and batch.dropped["stale"] == 1
+    )  # "old" began at v1: 4 - 1 > eta, though v4 ended it
+    assert batch.stats["staleness_max"] == 2.0  # measured from the oldest span
+    for sample, response in zip(batch.samples, fresh.rollout.responses, strict=True):
+        assert response.token_versions().tolist() == [2, 2, 2, 4, 4, 4, 4, 4]
+        np.testing.assert_array_equal(sample.behaviour_logprobs, response.logprobs)  # as recorded, token by token
+
+
+def test_truncated_is_weights_follow_the_behaviour_policy_of_each_token() -> None:
+    # A response whose first 3 tokens came from the old weights and the rest from the new: when the proximal policy
+    # is the new one, the new span's tokens get weight 1 and the old span's get exp(new - old), truncated at the cap.
+    new = torch.full((1, 8), -1.0)
+    behaviour = new.clone()
+    behaviour[0, :3] = torch.tensor([-1.5, -0.5, -3.0])  # the old weights' log-probs of those tokens
+    weights = truncated_is_weights(new, behaviour, cap=2.0)
+    expected = [math.exp(0.5), math.exp(-0.5), 2.0, 1, 1, 1, 1, 1]
+    np.testing.assert_allclose(weights[0].numpy(), expected, rtol=1e-6)
+
+
+async def test_groups_whose_weights_are_not_the_learners_are_dead_lettered_with_the_reason(
+    redis_client: aioredis.Redis, run_name: str
+) -> None:
+    cfg = config(run_name, pps=1, eta=4)
+    provenance = Provenance(cfg, redis_client)
+    logprobs = np.linspace(-4, -0.1, 16, dtype=np.float32)
+    await provenance.record(canary_reference(3, "v3:test", logprobs))
+    honest = CanaryScore(3, "v3:test", logprobs + 1e-6, time.time() - 60)
+    liar = CanaryScore(3, "v3:test", logprobs + 0.5, time.time() - 60)
+    fields = {server_field("test", 3): encode_scorings([honest]), server_field("liar", 3): encode_scorings([liar])}
+    await redis_client.hset(run_key(run_name, CANARIES), mapping=fields)
+    forged = scored("forged", MIXED, version=3)
+    for r in forged.rollout.responses:
+        r.span_weights = ["v3:other"]
+    lied = scored("lied", MIXED, version=3)
+    lied.rollout.worker_id = "liar"
+    settled: list[tuple[list[str], list[str]]] = []
+    assembler = BatchAssembler(cfg, redis_client, on_settled=lambda u, d: settled.append((u, d)),
+                               provenance=provenance)  # fmt: skip
+    await produce(redis_client, run_name, forged, lied, scored("ok", MIXED, version=3))
+    batch = await assembler.next_batch(3)
+    assert batch is not None and batch.used_ids == ["ok"]
+    assert batch.stats["dropped_provenance"] == 2 and settled[:2] == [([], ["forged"]), ([], ["lied"])]
+    dead = [DeadLetter.from_bytes(f[DATA_FIELD.encode()]) for _, f in
+            await redis_client.xrange(str(StreamSpec(run_name, DEADLETTER)))]  # fmt: skip
+    reasons = {ScoredGroup.from_bytes(d.fields[DATA_FIELD]).rollout.task.prompt_id: d.error for d in dead}
+    assert "sampled with weights v3:other" in reasons["forged"] and "canary mismatch" in reasons["lied"]
+    assert await redis_client.hget(run_key(run_name, QUARANTINE), "liar") == b"3"
+    assert await redis_client.hget(run_key(run_name, QUARANTINE), "test") is None
+
+
+@pytest.mark.parametrize(("alpha", "used"), [(0.0, ["mixed"]), (0.1, ["reallocated", "mixed"])])
+async def test_at_alpha_0_a_reallocated_group_is_dropped_as_dapo_drops_an_all_equal_one(
+    redis_client: aioredis.Redis, run_name: str, alpha: float, used: list[str]
+) -> None:
+    # All wrong, with a reallocation reward on its least confident answer: signal for DiPO, none for DAPO.
+    reallocated = scored("reallocated", ["3", "1", "2", "4"], realloc=[0.0, 1.0, 0.0, 0.0], action="reward")
+    assert reallocated.signal
+    assembler = BatchAssembler(config(run_name, pps=len(used), eta=4, alpha=alpha), redis_client)
+    await produce(redis_client, run_name, reallocated, scored("mixed", MIXED))
+    batch = await assembler.next_batch(0)
+    assert batch is not None and batch.used_ids == used
+    assert batch.dropped["no_signal"] == (1 if alpha == 0 else 0)

@@ -1,8 +1,10 @@
-"""The train step on a tiny random Llama: direction of the update, exact loss values, invariances, schedule."""
+"""The train step on a tiny random Llama: direction of the update, exact loss values, invariances, schedule,
+the single-pass proximal policy, PPO mini-batches, and bad input (non-finite loss, empty and over-long samples)."""
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import numpy as np
@@ -13,7 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from learner.advantages import group_advantages
 from learner.batch import Sample
 from learner.distributed import DistInfo
-from learner.train import Trainer, build_scheduler, collate, lr_factor, plan_micro_batches, shard
+from learner.packing import BudgetError
+from learner.train import Trainer, build_scheduler, lr_factor, shard, split_evenly
 from services.config import RunConfig
 
 VOCAB = 64
@@ -67,14 +70,15 @@ def make_group(
     temperature: float = 1.0,
     group_id: str = "g",
 ) -> list[Sample]:
-    """One group of responses with the model's own log-probs (on-policy) and alpha-derived advantages."""
+    """One group (one prompt, one group id) of responses with the model's own log-probs (on-policy) and
+    alpha-derived advantages."""
     prompt = rng.integers(0, VOCAB, prompt_len).astype(np.uint32)
     advantages = group_advantages(np.array(rewards), np.zeros(len(rewards)), alpha=0.1)
     samples = []
-    for i, adv in enumerate(advantages):
+    for adv in advantages:
         response = rng.integers(0, VOCAB, int(rng.integers(3, max_response + 1))).astype(np.uint32)
         logp = model_logprobs(model, prompt, response, temperature).float().numpy()
-        samples.append(Sample(f"{group_id}-{i}", prompt, response, logp, float(adv), temperature, 0, True))
+        samples.append(Sample(group_id, prompt, response, logp, float(adv), temperature, 0, True))
     return samples
 
 
@@ -214,12 +218,14 @@ def test_micro_batch_count_does_not_change_the_update(loss: str) -> None:
     base = tiny_model(seed=4, dtype=torch.float64)
     samples = make_group(base, rng, [1, 0, 0, 1], prompt_len=33, max_response=16)
     samples += make_group(base, rng, [0, 0, 1, 0], prompt_len=40, max_response=16, group_id="h")
-    results = []
-    for budget in (4096, 64):  # one micro-batch, then one sequence per micro-batch
+    results, counts = [], []
+    for budget in (4096, 64):  # one micro-batch, then groups split over many
         model = copy.deepcopy(base)
-        Trainer(make_cfg(lr=1e-3, loss=loss, micro_batch_tokens=budget), model, CPU).train_step(samples)
+        trainer = Trainer(make_cfg(lr=1e-3, loss=loss, micro_batch_tokens=budget), model, CPU)
+        counts.append(sum(len(mb.batches) for mb in trainer.plan(samples)))
+        trainer.train_step(samples)
         results.append(params(model))
-    assert len(plan_micro_batches(samples, 64)) == len(samples)
+    assert counts[0] == 1 and counts[1] >= len(samples) // 2
     assert max_param_diff(results[0], params(base)) > 1e-4  # the step did move the parameters
     assert max_param_diff(results[0], results[1]) < 1e-6
 
@@ -264,15 +270,214 @@ def test_shard_is_balanced_deterministic_and_a_partition() -> None:
         shard(samples, 3, 3)
 
 
-def test_collate_lays_out_prompt_then_response_right_padded() -> None:
-    a = Sample("a", np.array([5, 6], np.uint32), np.array([7, 8, 9], np.uint32), np.full(3, -1.0, np.float32),
-               1.0, 1.0, 0)  # fmt: skip
-    b = Sample("b", np.array([1, 2, 3, 4], np.uint32), np.array([10], np.uint32), np.full(1, -2.0, np.float32),
-               -1.0, 1.0, 0)  # fmt: skip
-    batch = collate([a, b], torch.device("cpu"))
-    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 4, 10]]
-    assert batch.response_mask.tolist() == [[False, False, True, True, True], [False, False, False, False, True]]
-    assert batch.token_mask.tolist() == [[True, True, True], [True, False, False]]
-    assert batch.behaviour_logp.tolist() == [[-1.0, -1.0, -1.0], [-2.0, 0.0, 0.0]]
-    with pytest.raises(ValueError, match="one temperature"):
-        collate([a, Sample("c", a.prompt_ids, a.response_ids, a.behaviour_logprobs, 1.0, 0.5, 0)], torch.device("cpu"))
+def test_split_evenly_keeps_order_and_balances_counts() -> None:
+    groups = [[Sample(f"g{i}", np.zeros(1, np.uint32), np.zeros(1, np.uint32), np.zeros(1, np.float32), 0.0, 1.0, 0)]
+              for i in range(5)]  # fmt: skip
+    parts = split_evenly(groups, 3)
+    assert [[g[0].group_id for g in p] for p in parts] == [["g0", "g1"], ["g2"], ["g3", "g4"]]
+    assert split_evenly(groups[:1], 2) == [[], groups[:1]]
+
+
+# --- single pass, mini-batches, schedule ----------------------------------------------------------------------------
+
+
+def off_policy_batch(model: torch.nn.Module, seed: int) -> list[Sample]:
+    """Two groups whose behaviour log-probs are off the model's by up to ±0.4 (IS weights ≠ 1, some capped)."""
+    rng = np.random.default_rng(seed)
+    samples = make_group(model, rng, [1, 0, 0, 1]) + make_group(model, rng, [0, 1, 1, 1], group_id="h")
+    return [
+        Sample(s.group_id, s.prompt_ids, s.response_ids,
+               (s.behaviour_logprobs + rng.uniform(-0.4, 0.4, len(s.response_ids))).astype(np.float32),
+               s.advantage, s.temperature, s.version)
+        for s in samples
+    ]  # fmt: skip
+
+
+def step_with_gradients(trainer: Trainer, samples: list[Sample]) -> tuple[dict[str, float], list[dict]]:
+    """Run a step and return its metrics and the gradients each optimizer update saw (captured just before it)."""
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def before_step(*_: object) -> None:
+        seen.append({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+
+    handle = trainer.optimizer.register_step_pre_hook(before_step)
+    metrics = trainer.train_step(samples)
+    handle.remove()
+    return metrics, seen
+
+
+def test_single_pass_equals_the_two_pass_computation() -> None:
+    """One update per step: the proximal log-probs are the gradient forward's own, detached. The separate pass runs
+    in eval mode, the gradient forward in train mode; they agree because the model has no dropout (the default model
+    has none either: attention_dropout 0 and no dropout layers)."""
+    base = tiny_model(seed=8, dtype=torch.float64)
+    assert base.config.attention_dropout == 0.0
+    samples = off_policy_batch(base, 8)
+    runs = {}
+    for mode in ("auto", "always"):
+        cfg = make_cfg(lr=1e-3, correction="tis", is_cap=1.2, proximal_forward=mode)
+        trainer = Trainer(cfg, copy.deepcopy(base), CPU)
+        runs[mode] = step_with_gradients(trainer, samples)
+    (single, single_grads), (double, double_grads) = runs["auto"], runs["always"]
+    assert single["proximal_seconds"] == 0.0 and double["proximal_seconds"] > 0.0
+    for key in ("loss", "is_weight_mean", "is_weight_max", "ratio_mean", "ratio_max", "kl_behaviour", "grad_norm"):
+        assert single[key] == pytest.approx(double[key], rel=1e-12, abs=1e-12), key
+    assert single["is_weight_max"] == pytest.approx(1.2)  # some weights hit the cap: the weights are really used
+    assert 0.5 < single["is_weight_mean"] < 1.2 and single["is_weight_mean"] != pytest.approx(1.0, abs=1e-3)
+    assert single["ratio_max"] == 1.0 and single["clip_low"] == single["clip_high"] == 0.0
+    (a,), (b,) = single_grads, double_grads
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-12
+    assert max(float(g.abs().max()) for g in a.values()) > 1e-3
+
+
+def test_one_minibatch_is_the_previous_update() -> None:
+    """With one update per step the single pass makes the previous two-pass update bit for bit; the defaults (shared
+    prefix, chunked head) make it up to float rounding (the tiny Llama's RMSNorm runs in float32 even in float64)."""
+    base = tiny_model(seed=9, dtype=torch.float64)
+    samples = off_policy_batch(base, 9)
+    previous = {"shared_prefix": False, "head_chunk_tokens": 0, "proximal_forward": "always"}
+    runs = {}
+    variants = {"previous": previous, "single": {**previous, "proximal_forward": "auto"}, "new": {}}
+    for name, overrides in variants.items():
+        model = copy.deepcopy(base)
+        metrics, (grads,) = step_with_gradients(Trainer(make_cfg(lr=1e-3, **overrides), model, CPU), samples)
+        runs[name] = (params(model), metrics, grads)
+    assert max_param_diff(runs["previous"][0], params(base)) > 1e-4
+    assert max_param_diff(runs["single"][0], runs["previous"][0]) == 0.0
+    (_, new_metrics, new_grads), (_, old_metrics, old_grads) = runs["new"], runs["previous"]
+    scale = max(float(g.abs().max()) for g in old_grads.values())
+    assert max(float((new_grads[k] - old_grads[k]).abs().max()) for k in old_grads) < 1e-6 * scale
+    for key in ("loss", "entropy", "is_weight_mean", "kl_behaviour"):
+        assert new_metrics[key] == pytest.approx(old_metrics[key], rel=1e-7), key
+
+
+def test_several_minibatches_make_the_clip_act() -> None:
+    model = tiny_model(seed=10)
+    rng = np.random.default_rng(10)
+    samples = [s for g in range(4) for s in make_group(model, rng, [1, 0, 0, 1], group_id=f"g{g}")]
+    trainer = Trainer(make_cfg(lr=3e-2, minibatches=4, epochs=2, prompts_per_step=4), model, CPU)
+    metrics = trainer.train_step(samples)
+    assert metrics["updates"] == 8 and trainer.updates_done == 8 and trainer.steps_done == 1
+    assert trainer.scheduler.last_epoch == 8
+    assert metrics["proximal_seconds"] > 0.0  # mini-batches 2..4 were scored at the start of the step
+    assert metrics["clip_low"] + metrics["clip_high"] > 0.0
+    assert metrics["ratio_max"] > 1.28
+    assert metrics["tokens"] == sum(len(s.response_ids) for s in samples)  # the batch's tokens, not per update
+    single = Trainer(make_cfg(lr=3e-2), tiny_model(seed=10), CPU).train_step(samples)
+    assert single["clip_low"] == single["clip_high"] == 0.0 and single["ratio_max"] == 1.0
+
+
+def test_the_schedule_counts_optimizer_updates() -> None:
+    model = tiny_model(seed=11)
+    samples = [s for g in range(2) for s in make_group(model, np.random.default_rng(g), [1, 0], group_id=f"g{g}")]
+    cfg = make_cfg(lr=1e-3, warmup_steps=1, steps=3, schedule="cosine", minibatches=2, prompts_per_step=2)
+    trainer = Trainer(cfg, model, CPU)
+    lrs = []
+    for _ in range(3):
+        trainer.train_step(samples)
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    assert trainer.scheduler.last_epoch == 6
+    # warm-up of 1 step = 2 updates, then cosine over the remaining 4 updates
+    assert lrs == pytest.approx([1e-3 * lr_factor(u, 2, 6, "cosine") for u in (2, 4, 6)])
+
+
+def test_minibatches_may_not_exceed_the_groups_of_a_step() -> None:
+    with pytest.raises(ValueError, match="minibatches"):
+        make_cfg(minibatches=5, prompts_per_step=4)
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+
+def optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter state, flattened to name -> tensor."""
+    state = trainer.optimizer.state_dict()["state"]
+    return {f"{i}.{k}": torch.as_tensor(v).clone() for i, s in state.items() for k, v in s.items()}
+
+
+def test_a_non_finite_loss_skips_the_update_and_keeps_weights_and_adamw_state(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = tiny_model(seed=12)
+    rng = np.random.default_rng(12)
+    samples = make_group(model, rng, [1, 0, 0, 1])
+    trainer = Trainer(make_cfg(lr=1e-2), model, CPU)
+    trainer.train_step(samples)  # AdamW now has moments to lose
+    before, state = params(model), optimizer_state(trainer)
+    poisoned = [Sample(s.group_id, s.prompt_ids, s.response_ids, s.behaviour_logprobs, math.nan, 1.0, 0)
+                for s in samples]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="learner.train"):
+        metrics = trainer.train_step(poisoned)
+    assert "non-finite loss" in caplog.text
+    assert metrics["skipped"] == 1.0 and metrics["updates"] == 0.0
+    assert metrics["skipped_nonfinite_loss"] == 1.0 and metrics["skipped_nonfinite_grad"] == 0.0
+    assert max_param_diff(before, params(model)) == 0.0
+    after = optimizer_state(trainer)
+    assert set(after) == set(state) and all(torch.equal(after[k], state[k]) for k in state)
+    assert trainer.updates_done == 1 and trainer.scheduler.last_epoch == 1
+    assert all(p.grad is None for p in model.parameters())
+    assert trainer.train_step(samples)["updates"] == 1.0  # and the next good batch trains as usual
+
+
+def test_a_non_finite_minibatch_skips_only_its_own_update() -> None:
+    model = tiny_model(seed=13)
+    rng = np.random.default_rng(13)
+    good = make_group(model, rng, [1, 0, 0, 1])
+    bad = [Sample("h", s.prompt_ids, s.response_ids, s.behaviour_logprobs, math.inf, 1.0, 0)
+           for s in make_group(model, rng, [1, 0], group_id="h")]  # fmt: skip
+    metrics = Trainer(make_cfg(lr=1e-2, minibatches=2), model, CPU).train_step(good + bad)
+    assert (metrics["updates"], metrics["skipped_nonfinite_loss"], metrics["skipped"]) == (1.0, 1.0, 0.0)
+
+
+def test_empty_responses_train_as_if_absent() -> None:
+    base = tiny_model(seed=14, dtype=torch.float64)
+    samples = make_group(base, np.random.default_rng(14), [1, 0, 0, 1])
+    empty = Sample("g", samples[0].prompt_ids, np.zeros(0, np.uint32), np.zeros(0, np.float32), 0.5, 1.0, 0)
+    results = []
+    for batch in (samples, [*samples, empty]):
+        model = copy.deepcopy(base)
+        metrics = Trainer(make_cfg(lr=1e-3), model, CPU).train_step(batch)
+        results.append(params(model))
+        assert metrics["sequences"] == len(samples)
+    assert max_param_diff(results[0], results[1]) == 0.0
+
+
+def test_a_group_of_one_trains_as_one_sequence() -> None:
+    """A group of one has no group-relative signal (advantage 0) but still counts in the denominators; here it gets
+    an advantage by hand so that its gradient shows, and the shared layout trains it as the unshared one does."""
+    base = tiny_model(seed=15, dtype=torch.float64)
+    rng = np.random.default_rng(15)
+    alone = make_group(base, rng, [1.0])
+    assert alone[0].advantage == 0.0
+    one = Sample("solo", alone[0].prompt_ids, alone[0].response_ids, alone[0].behaviour_logprobs, 0.8, 1.0, 0)
+    samples = [*make_group(base, rng, [1, 0, 0, 1]), one]
+    results = []
+    for shared in (True, False):
+        metrics, (grads,) = step_with_gradients(Trainer(make_cfg(shared_prefix=shared), copy.deepcopy(base), CPU),
+                                                samples)  # fmt: skip
+        assert metrics["sequences"] == len(samples)
+        results.append(grads)
+    scale = max(float(g.abs().max()) for g in results[1].values())
+    assert max(float((results[0][k] - results[1][k]).abs().max()) for k in results[1]) < 1e-6 * scale
+
+
+def test_a_prompt_longer_than_the_budget_is_a_configuration_error_before_any_work() -> None:
+    model = tiny_model(seed=16)
+    rng = np.random.default_rng(16)
+    samples = make_group(model, rng, [1, 0], prompt_len=70, max_response=4)
+    before = params(model)
+    trainer = Trainer(make_cfg(lr=1e-2, micro_batch_tokens=64), model, CPU)
+    with pytest.raises(BudgetError, match="raise learner.micro_batch_tokens to at least 7"):
+        trainer.train_step(samples)
+    assert max_param_diff(before, params(model)) == 0.0 and trainer.optimizer.state_dict()["state"] == {}
+    too_small = RunConfig.model_validate({"learner": {"micro_batch_tokens": 64}, "sampling": {"max_new_tokens": 64}})
+    with pytest.raises(ValueError, match="sampling.max_new_tokens"):
+        Trainer(too_small, model, CPU)  # known at the start: no response of the longest length could ever fit
+
+
+def test_a_policy_with_dropout_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_model(seed=17)
+    model.config.attention_dropout = 0.1
+    with caplog.at_level(logging.WARNING, logger="learner.train"):
+        Trainer(make_cfg(), model, CPU)
+    assert "dropout" in caplog.text
