@@ -1,9 +1,18 @@
-"""``python -m learner --config FILE [--resume]`` (or ``torchrun --nproc_per_node N -m learner ...``)."""
+"""``python -m learner --config FILE [--resume [auto]]`` (or ``torchrun --nproc_per_node N -m learner ...``).
+
+``--resume`` continues the run from its newest checkpoint (what ``dipo run`` passes on restarts). ``--resume auto``
+is for containers, whose restart policy starts the same command line again after any exit: it resumes when the
+run folder holds a checkpoint and starts fresh when it holds none, and it logs which of the two it chose; when the
+newest checkpoint already holds ``learner.steps`` steps the run is complete, and it exits 0 at once (a restarted
+pod of a finished run loads no model). Without either, a folder that holds checkpoints is refused (exit 2), so that
+a typo in ``run_dir`` never continues the wrong run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -11,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from learner.checkpoint import STATE_FILE, latest_checkpoint
 from learner.distributed import cleanup, init_distributed
-from learner.loop import Learner, RunFolderInUse
+from learner.loop import Learner, RunFolderInUse, checkpoint_root
 from services.config import load_config, write_resolved_config
 from services.log import setup_logging
 
@@ -23,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML run config (defaults < file < DIPO_* env < --set).")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="Override a config field (repeatable).")  # fmt: skip
-    parser.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint of the run.")
+    parser.add_argument("--resume", nargs="?", const="yes", default="no", choices=["yes", "auto"],
+                        help="Continue from the newest checkpoint of the run; `--resume auto`: continue when the run "
+                        "folder holds a checkpoint, start fresh when it holds none (containers).")  # fmt: skip
     parser.add_argument("--log-file", help="Also log to this file.")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -40,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
     try:
+        if args.resume == "auto" and run_is_complete(checkpoint_root(cfg), cfg.learner.steps):
+            return 0
         if dist.rank == 0:
             write_resolved_config(cfg)
-        learner = Learner(cfg, dist, resume=args.resume)
+        learner = Learner(cfg, dist, resume=resume_choice(args.resume, checkpoint_root(cfg)))
         if dist.rank == 0:
             asyncio.run(learner.run())
         else:
@@ -53,6 +67,33 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cleanup()
     return 0
+
+
+def run_is_complete(root: Path, steps: int) -> bool:
+    """True (and logged) when the newest checkpoint under `root` holds `steps` optimizer steps or more."""
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return False
+    done = int(json.loads((latest / STATE_FILE).read_text())["step"])
+    if done < steps:
+        return False
+    logging.getLogger("learner").info("--resume auto: %s holds step %d of learner.steps=%d: the run is complete, "
+                                      "nothing to train", latest, done, steps)  # fmt: skip
+    return True
+
+
+def resume_choice(mode: str, root: Path) -> bool:
+    """Whether the learner resumes: `yes` always, `no` never (a folder with checkpoints is then refused), `auto`
+    when `root` holds a complete checkpoint."""
+    if mode != "auto":
+        return mode == "yes"
+    latest = latest_checkpoint(root)
+    log = logging.getLogger("learner")
+    if latest is None:
+        log.info("--resume auto: no checkpoint under %s, starting a fresh run", root)
+        return False
+    log.info("--resume auto: resuming from %s", latest)
+    return True
 
 
 if __name__ == "__main__":

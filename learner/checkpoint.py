@@ -13,10 +13,20 @@ A crash at any point leaves either the previous checkpoint or the new one as `la
 Deleting a folder (pruning, replacing a step) first renames it to a `.tmp-` name, so a crash mid-delete leaves
 only ignored debris. The `.pt` files are our own, never cross a trust boundary, and load with `weights_only=True`.
 
-Under FSDP the files are the same as without it: ``gather_full_state`` (a collective: every rank calls it) gives
-rank 0 the full weights and the optimizer state in ``optimizer.state_dict()``'s layout, which ``save_checkpoint``
-writes; on resume the weights are loaded before sharding (``load_weights``) and ``load_checkpoint(sharded=True)``
-cuts each rank's shard of the optimizer state out of the full one. So a checkpoint resumes on any number of ranks.
+Under FSDP there are two ways to write one. ``save_checkpoint`` with the state of ``gather_full_state`` (a
+collective: every rank calls it) writes the full optimizer state as ``optimizer.pt``, which rank 0 must hold in
+memory (8 bytes per parameter with AdamW). ``save_checkpoint_sharded`` (also called by every rank) gathers only the
+weights, which the Hugging Face files need for vLLM and late joiners, and has every rank write its own shard of the
+optimizer state with ``torch.distributed.checkpoint``::
+
+    optimizer/rank-00000/.metadata, __0_0.distcp    one DCP folder per rank, written without any exchange between
+    optimizer/rank-00001/...                        the ranks (no_dist), so no pickled plans cross between them
+
+On resume the weights are loaded before sharding (``load_weights``) and ``load_checkpoint`` restores the optimizer
+from whichever of the two the folder holds: ``optimizer.pt`` is cut into each rank's shard, the DCP folders are read
+through their merged metadata, which DCP reshards to the ranks at hand. So a checkpoint of either kind resumes on
+any number of ranks, one unsharded process included. DCP writes its ``.metadata`` with pickle; it is read back with
+an unpickler that admits only DCP's own metadata classes.
 """
 
 from __future__ import annotations
@@ -33,13 +43,18 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+
+from learner.checkpoint_dcp import load_sharded_optimizer_state, rank_folder
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +67,19 @@ SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+OPTIMIZER_DIR = "optimizer"
+"""A sharded checkpoint's optimizer state: one torch.distributed.checkpoint folder per rank (``rank-NNNNN``)."""
 _STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
+
+
+CHECKPOINT_BYTES_PER_PARAMETER = 12
+"""fp32 weights in the Hugging Face export (4) and AdamW's two fp32 moments (8), in one checkpoint."""
+
+
+def run_volume_bytes(parameters: int, keep: int, base_model_bytes_per_parameter: int = 4) -> int:
+    """The bytes a run folder needs for a model of `parameters` parameters: `keep` + 1 checkpoints (the new one is
+    written before the oldest is pruned) of 12 bytes per parameter, plus the base model's own copy (fp32: 4)."""
+    return (keep + 1) * CHECKPOINT_BYTES_PER_PARAMETER * parameters + base_model_bytes_per_parameter * parameters
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -178,7 +205,8 @@ class _Contents:
     """What goes into a checkpoint folder besides the JSON state."""
 
     model: Any
-    optimizer_state: dict[str, Any]
+    optimizer_state: dict[str, Any] | None
+    """None when every rank wrote its shard of it into ``optimizer/`` (sharded checkpoints)."""
     scheduler: Any
     tokenizer: Any
     weights: dict[str, torch.Tensor] | None
@@ -194,12 +222,63 @@ def _write_contents(folder: Path, contents: _Contents, rng: dict[str, Any], stat
         raise RuntimeError(f"save_pretrained wrote no safetensors weights into {folder}")
     if contents.tokenizer is not None:
         contents.tokenizer.save_pretrained(folder)
-    torch.save(contents.optimizer_state, folder / OPTIMIZER_FILE)
+    if contents.optimizer_state is not None:
+        torch.save(contents.optimizer_state, folder / OPTIMIZER_FILE)
     if contents.scheduler is not None:
         torch.save(contents.scheduler.state_dict(), folder / SCHEDULER_FILE)
     torch.save(rng, folder / RNG_FILE)
     # Last file written: a step-* folder without it is not a checkpoint
     (folder / STATE_FILE).write_text(state_json)
+
+
+@dataclass
+class _Pending:
+    """A checkpoint being written: its `.tmp-` folder, the JSON state and the RNG states taken at the start."""
+
+    root: Path
+    name: str
+    keep: int
+    state_json: str
+    rng: dict[str, Any]
+
+    @property
+    def tmp(self) -> Path:
+        """The folder the files are written into, renamed to `name` once complete."""
+        return self.root / f"{TMP_PREFIX}{self.name}"
+
+
+def _begin(root: Path, step: int, state: dict[str, Any], keep: int) -> _Pending:
+    """Check the arguments, take the RNG states and make an empty `.tmp-` folder (after removing leftovers)."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if "step" in state and state["step"] != step:
+        raise ValueError(f"state['step']={state['step']} disagrees with step={step}")
+    # Serialise first: a state that is not JSON-able fails before anything touches the disk
+    state_json = json.dumps({**state, "step": step}, indent=2, sort_keys=True, allow_nan=False)
+    # Taken before any work, so the states restored on resume are those the training loop stood at
+    pending = _Pending(Path(root), checkpoint_dir_name(step), keep, state_json, _rng_state())
+    pending.root.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(pending.root)
+    pending.tmp.mkdir()
+    return pending
+
+
+def _commit(pending: _Pending, contents: _Contents) -> Path:
+    """Write the files, make them durable, rename the folder into place, point `latest` at it and prune."""
+    _write_contents(pending.tmp, contents, pending.rng, pending.state_json)
+    _fsync_tree(pending.tmp)
+    final = pending.root / pending.name
+    if final.exists():
+        logger.warning("replacing existing checkpoint %s", final)
+        _discard(final)
+    os.rename(pending.tmp, final)
+    _fsync_path(pending.root)
+    _write_latest(pending.root, pending.name)
+    _prune(pending.root, pending.keep, final)
+    logger.info("checkpoint written: %s", final)
+    return final
 
 
 def save_checkpoint(
@@ -221,39 +300,54 @@ def save_checkpoint(
     prompt ids, ...). Under FSDP pass the `weights` and `optimizer_state` of ``gather_full_state`` (rank 0 only):
     they are written instead of the model's and optimizer's own, which are shards; `optimizer` may then be None.
     """
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if "step" in state and state["step"] != step:
-        raise ValueError(f"state['step']={state['step']} disagrees with step={step}")
     if optimizer_state is None and optimizer is None:
         raise ValueError("save_checkpoint needs an optimizer or its optimizer_state")
-    contents = _Contents(
-        model, optimizer_state if optimizer_state is not None else optimizer.state_dict(), scheduler, tokenizer, weights
-    )
-    # Serialise first: a state that is not JSON-able fails before anything touches the disk
-    state_json = json.dumps({**state, "step": step}, indent=2, sort_keys=True, allow_nan=False)
-    # Taken before any work, so the states restored on resume are those the training loop stood at
-    rng = _rng_state()
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(root)
-    name = checkpoint_dir_name(step)
-    tmp = root / f"{TMP_PREFIX}{name}"
-    tmp.mkdir()
-    _write_contents(tmp, contents, rng, state_json)
-    _fsync_tree(tmp)
-    final = root / name
-    if final.exists():
-        logger.warning("replacing existing checkpoint %s", final)
-        _discard(final)
-    os.rename(tmp, final)
-    _fsync_path(root)
-    _write_latest(root, name)
-    _prune(root, keep, final)
-    logger.info("checkpoint written: %s", final)
-    return final
+    pending = _begin(root, step, state, keep)
+    full = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+    return _commit(pending, _Contents(model, full, scheduler, tokenizer, weights))
+
+
+def save_checkpoint_sharded(
+    root: Path,
+    step: int,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    tokenizer: Any = None,
+    keep: int = 2,
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    gather_weights: bool = False,
+) -> Path | None:
+    """Write checkpoint `step` with every rank's optimizer shard in ``optimizer/rank-NNNNN`` (a collective: every rank
+    calls it at the same point); returns the folder on rank 0, None on the others.
+
+    Rank 0 writes everything else exactly as ``save_checkpoint`` does, the Hugging Face weights included: from
+    `weights` (``gather_full_state(model, sharded=True).checkpoint_weights()``, which rank 0 may hold already from
+    the step's weight broadcast), or, with ``gather_weights=True`` on every rank, from a gather made here. `state`,
+    `tokenizer`, `keep` and `weights` matter on rank 0 only. Nothing is exchanged between the ranks but barriers.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("save_checkpoint_sharded is a collective of the learner's ranks; alone, use save_checkpoint")
+    rank = dist.get_rank()
+    if gather_weights:
+        weights = gather_full_state(model, sharded=True).checkpoint_weights()
+    pending = _begin(root, step, state, keep) if rank == 0 else None
+    dist.barrier()  # the .tmp- folder exists (and no leftover of an older attempt does) before any rank writes
+    folder = Path(root) / f"{TMP_PREFIX}{checkpoint_dir_name(step)}" / OPTIMIZER_DIR
+    sharded = bool(optimizer.state)  # the same on every rank: they stepped together
+    if sharded:
+        writer = FileSystemWriter(str(folder / rank_folder(rank)), sync_files=True)
+        dcp.save(get_optimizer_state_dict(model, optimizer), storage_writer=writer, no_dist=True)
+    dist.barrier()  # every shard is on disk before rank 0 completes the folder
+    if pending is None:
+        return None
+    if rank == 0 and weights is None:
+        raise ValueError("rank 0 needs the gathered weights: pass weights=..., or gather_weights=True on every rank")
+    # Before the first step the state is only the hyper-parameters: one small optimizer.pt, as save_checkpoint writes.
+    full = None if sharded else optimizer.state_dict()
+    return _commit(pending, _Contents(model, full, scheduler, tokenizer, weights))
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -314,7 +408,8 @@ def load_checkpoint(
 
     With ``weights=False`` the weights are taken as loaded already. ``sharded=True`` means the model is sharded with
     FSDP: its weights must have been loaded before sharding (``load_weights``), and every rank must call this at
-    the same time, since the optimizer state is cut into shards collectively.
+    the same time, since a full optimizer state is cut into shards collectively. An optimizer state written sharded
+    (``optimizer/``) loads on any number of ranks, sharded or not.
     """
     path = Path(path)
     if not _is_complete(path):
@@ -323,7 +418,9 @@ def load_checkpoint(
         raise ValueError("a sharded model cannot take full weights: call load_weights before sharding, weights=False")
     if weights:
         load_weights(path, model)
-    if optimizer is not None:
+    if optimizer is not None and (path / OPTIMIZER_DIR).is_dir():
+        load_sharded_optimizer_state(model, optimizer, path / OPTIMIZER_DIR)
+    elif optimizer is not None:
         saved = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         if sharded:
             load_full_optimizer_state(model, optimizer, saved)

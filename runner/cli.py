@@ -27,6 +27,29 @@ app.add_typer(config_app, name="config")
 
 console = Console()
 
+
+def _version(value: bool) -> None:
+    """Print the installed version and exit (the eager `--version` option)."""
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("dipo")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            text = "unknown (not installed)"
+        console.print(f"dipo {text}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Asynchronous actor-learner RL for LLMs with DiPO (DAPO + perplexity-guided reward reallocation)."""
+
+
 ConfigArg = Annotated[Path, typer.Argument(help="YAML run config (see configs/).", exists=True, dir_okay=False)]
 SetOpt = Annotated[
     list[str] | None,

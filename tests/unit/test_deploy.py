@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from deploy_helpers import load_compose_all
 
 from services.config import RunConfig, load_config
 
@@ -42,15 +43,8 @@ SERVICES = {"learner": ("learner", 8002), "reward": ("reward_service", 8001), "r
 TORCH_STACK = {"torch", "transformers", "vllm", "accelerate", "safetensors", "gguf", "reasoning_gym", "matplotlib"}
 
 
-class _ComposeLoader(yaml.SafeLoader):
-    """A safe loader that also knows Compose's merge tags (`!reset`, `!override`), used by override files only."""
-
-
-_ComposeLoader.add_constructor("!reset", lambda loader, node: None)
-_ComposeLoader.add_constructor(
-    "!override",
-    lambda loader, node: loader.construct_mapping(node) if isinstance(node, yaml.MappingNode) else node.value,
-)
+COMPOSE_OVERRIDES = {COMPOSE_CPU_FILE, DEPLOY / "docker/compose.tls.yaml", *(DEPLOY / "docker/gpus").glob("*.yaml")}
+"""Compose files merged over docker-compose.yml: the only ones that may use Compose's merge tags."""
 
 
 def _yaml_files() -> list[Path]:
@@ -58,8 +52,9 @@ def _yaml_files() -> list[Path]:
 
 
 def _load_all(path: Path) -> list[Any]:
-    loader = _ComposeLoader if path == COMPOSE_CPU_FILE else yaml.SafeLoader
-    return [doc for doc in yaml.load_all(path.read_text(), Loader=loader) if doc is not None]
+    text = path.read_text()
+    docs = load_compose_all(text) if path in COMPOSE_OVERRIDES else list(yaml.safe_load_all(text))
+    return [doc for doc in docs if doc is not None]
 
 
 def _compose() -> dict[str, Any]:
@@ -95,8 +90,8 @@ def _dockerfile_stages() -> dict[str, str]:
 
 def _k8s_docs(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     for path in sorted(folder.rglob("*.yaml")):
-        if path.name in ("kustomization.yaml", "run.yaml"):
-            continue
+        if path.name in ("kustomization.yaml", "run.yaml") or path.name.endswith(".values.yaml"):
+            continue  # kustomize's own files, the run config, Helm values: not manifests
         for doc in _load_all(path):
             yield path, doc
 
@@ -123,9 +118,9 @@ def _env_literals(folder: Path, name: str = "dipo-env") -> dict[str, str]:
 
 @pytest.mark.parametrize("path", _yaml_files(), ids=lambda p: str(p.relative_to(REPO)))
 def test_every_yaml_file_parses(path: Path) -> None:
-    if path == COMPOSE_CPU_FILE:
-        # Compose override tags are rejected by a plain safe loader; nothing but them is allowed here.
-        assert set(re.findall(r"!\w+", path.read_text())) == {"!reset"}
+    if path in COMPOSE_OVERRIDES:
+        # Compose's merge tags are rejected by a plain safe loader; nothing but them is allowed here.
+        assert set(re.findall(r"!\w+", path.read_text())) <= {"!reset", "!override"}
     else:
         list(yaml.safe_load_all(path.read_text()))
     assert _load_all(path), f"{path} is empty"
@@ -154,12 +149,17 @@ def test_redis_keeps_an_append_only_file_and_requires_a_password() -> None:
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
 
 
-def test_reward_runs_two_replicas_and_rollout_reserves_a_gpu() -> None:
+def test_reward_runs_two_replicas_and_learner_and_rollout_reserve_gpus_of_their_own() -> None:
     services = _compose()["services"]
     assert services["reward"]["deploy"]["replicas"] == 2
-    (device,) = services["rollout"]["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["count"] == 1
-    # --scale needs the replicas free of fixed names and host ports.
+    devices = {}
+    for name in ("learner", "rollout"):
+        (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        # device_ids, never `count: 1`: Docker gives a count the first GPUs, so every service would get GPU 0
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and "count" not in device
+        devices[name] = [_interpolate(gpu) for gpu in device["device_ids"]]
+    assert devices == {"learner": ["0"], "rollout": ["1"]}
+    # --scale (on CPU) needs the replicas free of fixed names and host ports.
     assert "container_name" not in services["rollout"] and "ports" not in services["rollout"]
 
 
@@ -174,9 +174,13 @@ def test_dipo_services_follow_the_contract(name: str) -> None:
     module, port = SERVICES[name]
     service = _compose()["services"][name]
     command = [_interpolate(part) for part in service["command"]]
-    assert command[-4:] == ["-m", module, "--config", "/etc/dipo/run.yaml"]
+    start = command.index("-m")
+    assert command[start : start + 4] == ["-m", module, "--config", "/etc/dipo/run.yaml"]
     if name == "learner":
-        assert command[:3] == ["torchrun", "--nproc_per_node", "1"]
+        assert command[:start] == ["torchrun", "--standalone", "--nproc-per-node", "1", "--shutdown-timeout", "270"]
+        assert command[start + 4 :] == ["--resume", "auto"], "a restarted container resumes its run"
+    else:
+        assert command[start + 4 :] == []
     env = _environment(service)
     section = module.split("_")[0]
     assert env[f"DIPO_{section.upper()}__SERVER__HOST"] == "0.0.0.0"
@@ -213,8 +217,20 @@ def test_cpu_override_drops_gpu_reservations_and_uses_the_cpu_image() -> None:
     for name in ("learner", "rollout"):
         assert override[name]["deploy"] is None
         assert override[name]["build"]["target"] == "cpu"
+    assert override["gpu-layout"]["deploy"] is None and override["gpu-layout"]["command"] == ["gpu-layout", "--cpu"]
     gpu_services = [n for n, s in _compose()["services"].items() if "reservations" in str(s.get("deploy", ""))]
-    assert sorted(gpu_services) == ["learner", "rollout"]
+    assert sorted(gpu_services) == ["gpu-layout", "learner", "rollout", "rollout-2", "rollout-3", "rollout-4"]
+    # the GPU layouts' extra rollout servers stay off unless a layout file turns them on
+    assert all(_compose()["services"][f"rollout-{i}"]["profiles"] == ["layout"] for i in (2, 3, 4))
+
+
+def test_learner_gets_the_time_to_checkpoint_on_a_stop_and_restarts_only_on_failure() -> None:
+    learner = _compose()["services"]["learner"]
+    # the learner's SIGTERM checkpoint: torchrun gives its ranks 270 s, Docker the container 300 s, as dipo run does
+    assert learner["stop_grace_period"] == "300s"
+    assert learner["command"][learner["command"].index("--shutdown-timeout") + 1] == "270"
+    # a finished run exits 0 and stays down; a crash restarts into --resume auto
+    assert learner["restart"] == "on-failure"
 
 
 # --- images ---------------------------------------------------------------------------------------------------------
@@ -234,17 +250,21 @@ def test_torch_images_install_the_no_deps_packages_like_setup(stage: str) -> Non
     pins = _setup_no_deps_pins()
     assert len(pins) == 2
     text = _dockerfile_stages()[stage]
-    line = next(line for line in text.splitlines() if re.search(r"pip install (--system )?--no-deps", line))
-    assert all(pin in line for pin in pins), f"{stage} must install {pins} with --no-deps"
+    lines = [line for line in text.splitlines() if re.search(r"pip install (--system )?--no-deps", line)]
+    assert any(all(pin in line for pin in pins) for line in lines), f"{stage} must install {pins} with --no-deps"
 
 
 def test_images_pin_the_project_torch() -> None:
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     torch_pin = next(dep for dep in deps if dep.startswith("torch"))
     stages = _dockerfile_stages()
-    assert f"pip install {torch_pin} --index-url" in stages["cpu"]
+    assert f"pip install --no-deps {torch_pin} --index-url" in stages["cpu"]
     assert "download.pytorch.org/whl/cpu" in stages["cpu"]
-    assert f'"{torch_pin}"' in stages["gpu"] and '"/opt/dipo/src[vllm]"' in stages["gpu"]
+    # The gpu image keeps the vLLM base image's torch: the tag whose vLLM pins the project's torch, and lock.sh
+    # resolves the gpu lock against exactly that pair.
+    assert "ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0" in DOCKERFILE.read_text()
+    assert f"printf 'vllm==0.32.0\\n{torch_pin}\\n'" in (DEPLOY / "docker/lock.sh").read_text()
+    assert '"/opt/dipo/src[vllm,tracking]"' in stages["gpu"]
 
 
 def test_dockerfile_never_copies_a_virtualenv_or_the_whole_context() -> None:
@@ -412,15 +432,22 @@ def test_learner_runs_torchrun_in_a_single_pod_statefulset() -> None:
     assert learner["kind"] == "StatefulSet" and learner["spec"]["replicas"] == 1
     (container,) = learner["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["torchrun"]
-    assert container["args"] == ["--nproc_per_node", "$(NPROC)", "-m", "learner", "--config", "/etc/dipo/run.yaml"]
+    assert container["args"] == ["--standalone", "--nproc-per-node", "$(NPROC)", "--shutdown-timeout", "270", "-m",
+                                 "learner", "--config", "/etc/dipo/run.yaml", "--resume", "auto"]  # fmt: skip
+    # the pod's grace period covers torchrun's shutdown timeout (the learner checkpoints on SIGTERM)
+    assert learner["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 300
     names = [e["name"] for e in container["env"]]
     assert "NPROC" in names and names.index("POD_IP") < names.index("DIPO_LEARNER__WEIGHT_SYNC_ADVERTISE")
 
 
 def test_redis_statefulset_persists_and_requires_the_secret_password() -> None:
     redis = _workload("redis")
-    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    container, exporter = redis["spec"]["template"]["spec"]["containers"]
     assert "--appendonly yes" in container["args"][0] and '--requirepass "$REDIS_PASSWORD"' in container["args"][0]
+    assert "--maxmemory 6gb --maxmemory-policy noeviction" in container["args"][0]
+    env = {item["name"]: item for item in exporter["env"]}
+    assert exporter["name"] == "redis-exporter" and env["REDIS_ADDR"]["value"] == "redis://localhost:6379"
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "dipo-secrets", "key": "redis-password"}
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
 
 

@@ -8,7 +8,7 @@ rules, implemented below for the keys the override uses) and for ``deploy/k8s/ov
 - Redis has no plaintext port (``--port 0``), listens with TLS on 6379, requires client certificates and keeps
   ``requirepass`` and its append-only file; its healthcheck or probes speak TLS;
 - the merged and rendered files validate against the Compose Specification and the Kubernetes schemas, like the
-  plain ones in ``test_deploy_schemas.py`` (whose renderer and validators this file reuses);
+  plain ones in ``test_deploy_schemas.py`` (with the renderer and validators of ``tests/deploy_helpers.py``);
 - and for real: ``deploy/tls/make-certs.sh`` makes certificates into a temporary folder, a local ``redis-server``
   runs the override's exact command line on them (only paths and the port mapped), the override's healthcheck
   passes, and clients built by ``services.streams.clients_from_config`` from the override's environment talk to it,
@@ -33,15 +33,11 @@ import kubernetes_validate
 import pytest
 import redis
 import yaml
-from test_deploy_schemas import (
-    K8S_VERSIONS,
-    _by_kind_and_name,
-    _compose_errors,
-    _interpolated,
-    _kubectl_build,
-    _pod_specs,
-    kustomize_build,
-)
+from deploy_helpers import by_kind_and_name, compose_errors, interpolate, kustomize_build, pod_specs
+from deploy_helpers import load_compose as _load
+from deploy_helpers import merged_compose as _merged
+from deploy_helpers import render as _render
+from test_deploy_schemas import K8S_VERSIONS
 
 from runner.redis_server import free_port
 from services.config import load_config
@@ -64,48 +60,6 @@ PASSWORD = "secret-value"  # what the helpers' interpolation gives every require
 
 
 # --- Compose: the override merged the way `docker compose -f A -f B` merges it ----------------------------------------
-
-
-class _ComposeLoader(yaml.SafeLoader):
-    """Safe loader that reads Compose's `!reset` tag as None (the CPU override uses it)."""
-
-
-_ComposeLoader.add_constructor("!reset", lambda loader, node: None)
-
-
-def _load(path: Path) -> dict[str, Any]:
-    return yaml.load(path.read_text(), Loader=_ComposeLoader)
-
-
-def _mount_target(volume: str | dict[str, Any]) -> str:
-    return volume["target"] if isinstance(volume, dict) else volume.split(":")[1]
-
-
-def _compose_merge(base: dict[str, Any], override: dict[str, Any], key: str = "") -> dict[str, Any]:
-    """Compose's merge for what the overrides use: mappings merge, `!reset` removes, a service's `volumes` merge by
-    target path, `command` and `healthcheck.test` are replaced; any other sequence is refused (extend this first)."""
-    merged = dict(base)
-    for name, value in override.items():
-        old = base.get(name)
-        if value is None:
-            merged.pop(name, None)
-        elif isinstance(value, dict) and isinstance(old, dict):
-            merged[name] = _compose_merge(old, value, name)
-        elif name == "volumes" and isinstance(value, list) and isinstance(old, list):
-            targets = {_mount_target(volume) for volume in value}
-            merged[name] = [volume for volume in old if _mount_target(volume) not in targets] + value
-        else:
-            replaceable = name in ("command", "test") or not isinstance(value, list) or old is None
-            assert replaceable, f"{key}.{name}: Compose merges this sequence by its own rule; extend _compose_merge"
-            merged[name] = value
-    return merged
-
-
-def _merged(*overrides: Path) -> dict[str, Any]:
-    document = _load(COMPOSE_FILE)
-    for path in overrides:
-        document = _compose_merge(document, _load(path))
-    return document
 
 
 def _redis_clients(document: dict[str, Any]) -> list[str]:
@@ -138,12 +92,12 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("interpolate", [False, True], ids=["raw", "interpolated"])
+@pytest.mark.parametrize("interpolated", [False, True], ids=["raw", "interpolated"])
 @pytest.mark.parametrize("files", [["tls"], ["compose", "tls"], ["compose", "cpu", "tls"]], ids="+".join)
-def test_tls_override_validates_against_the_compose_spec(files: list[str], interpolate: bool) -> None:
+def test_tls_override_validates_against_the_compose_spec(files: list[str], interpolated: bool) -> None:
     paths = {"cpu": COMPOSE_CPU_FILE, "tls": COMPOSE_TLS_FILE}
     document = _load(COMPOSE_TLS_FILE) if files == ["tls"] else _merged(*(paths[name] for name in files[1:]))
-    assert _compose_errors(_interpolated(document) if interpolate else document) == []
+    assert compose_errors(interpolate(document) if interpolated else document) == []
 
 
 @pytest.mark.parametrize("cpu", [False, True], ids=["gpu", "cpu"])
@@ -153,7 +107,7 @@ def test_every_redis_client_service_connects_with_tls_and_a_client_certificate(c
     clients = _redis_clients(base)
     assert clients == _redis_clients(merged) and {"learner", "reward", "rollout"} <= set(clients)
     for name in clients:
-        service = _interpolated(merged["services"][name])
+        service = interpolate(merged["services"][name])
         env = service["environment"]
         assert env["DIPO_REDIS__URL"] == "rediss://redis:6379/0", name
         for variable in TLS_ENV:
@@ -167,8 +121,21 @@ def test_every_redis_client_service_connects_with_tls_and_a_client_certificate(c
         assert cfg.redis.url == "rediss://redis:6379/0" and cfg.redis.password == PASSWORD
         files = (cfg.redis.tls_ca_file, cfg.redis.tls_cert_file, cfg.redis.tls_key_file)
         assert files == tuple(env[variable] for variable in TLS_ENV)
-    others = set(merged["services"]) - set(clients) - {"redis"}
-    assert {name: merged["services"][name] for name in others} == {name: base["services"][name] for name in others}
+    # Nothing else changes (Redis and its exporter have tests of their own below).
+    plain = _merged(*([COMPOSE_CPU_FILE] if cpu else []))
+    others = set(merged["services"]) - set(clients) - {"redis", "redis-exporter"}
+    assert {name: merged["services"][name] for name in others} == {name: plain["services"][name] for name in others}
+
+
+def test_the_redis_exporter_connects_with_tls_and_the_server_certificate(certs: Path) -> None:
+    exporter = interpolate(_merged(COMPOSE_TLS_FILE)["services"]["redis-exporter"])
+    env = exporter["environment"]
+    assert env["REDIS_ADDR"] == "rediss://redis:6379" and env["REDIS_PASSWORD"] == PASSWORD
+    for variable in ("REDIS_EXPORTER_TLS_CA_CERT_FILE", "REDIS_EXPORTER_TLS_CLIENT_CERT_FILE",
+                     "REDIS_EXPORTER_TLS_CLIENT_KEY_FILE"):  # fmt: skip
+        mount = _mount_of(exporter, env[variable])
+        assert mount["source"] == f"{CERTS_DIR}redis" and mount["read_only"] is True
+        assert _host_path(mount, env[variable], certs).is_file()
 
 
 def _redis_command(merged: dict[str, Any]) -> str:
@@ -214,7 +181,7 @@ def tls_redis(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         pytest.skip("redis-server is not installed")
     data, port = tmp_path_factory.mktemp("redis-data"), free_port()
-    command = _interpolated(_redis_command(_merged(COMPOSE_TLS_FILE)))
+    command = interpolate(_redis_command(_merged(COMPOSE_TLS_FILE)))
     command = command.replace("/etc/redis-tls", str(certs / "redis")).replace("--dir /data", f"--dir {data}")
     command = command.replace("--tls-port 6379", f"--tls-port {port}") + " --bind 127.0.0.1 --save ''"
     log = (data / "redis.log").open("wb")
@@ -243,7 +210,7 @@ def _healthcheck(certs: Path, port: int) -> bool:
 
 def _client_environment(certs: Path, port: int) -> dict[str, str]:
     """The rollout service's merged environment, with the certificate folder and Redis address of this machine."""
-    env = _interpolated(_merged(COMPOSE_TLS_FILE)["services"]["rollout"]["environment"])
+    env = interpolate(_merged(COMPOSE_TLS_FILE)["services"]["rollout"]["environment"])
     env = {key: str(value).replace("/etc/redis-tls", str(certs / "client")) for key, value in env.items()}
     env["DIPO_REDIS__URL"] = env["DIPO_REDIS__URL"].replace("redis:6379", f"localhost:{port}")
     return env
@@ -289,11 +256,6 @@ def test_server_certificate_names_the_compose_and_kubernetes_hosts(name: str, tl
 # --- Kubernetes -------------------------------------------------------------------------------------------------------
 
 
-def _render(folder: Path) -> list[dict[str, Any]]:
-    """The overlay as kubectl renders it, or as test_deploy_schemas' Python subset does where kubectl is missing."""
-    return _kubectl_build(folder) if shutil.which("kubectl") else kustomize_build(folder)
-
-
 @pytest.fixture(scope="module")
 def rendered() -> list[dict[str, Any]]:
     return _render(K8S_TLS)
@@ -313,7 +275,7 @@ def gpu_tls(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _workloads(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {doc["metadata"]["name"]: doc for doc in docs if _pod_specs(doc)}
+    return {doc["metadata"]["name"]: doc for doc in docs if pod_specs(doc)}
 
 
 def _container_env(pod: dict[str, Any], container: dict[str, Any], docs: list[dict[str, Any]]) -> dict[str, str]:
@@ -344,7 +306,7 @@ def test_every_redis_client_pod_connects_with_tls_and_the_client_secret(overlay:
     base = _workloads(_render(K8S_BASE))
     clients = []
     for name, doc in _workloads(docs).items():
-        (pod,) = _pod_specs(doc)
+        (pod,) = pod_specs(doc)
         for container in pod["containers"]:
             env = _container_env(pod, container, docs)
             if "DIPO_REDIS__URL" not in env:
@@ -355,18 +317,18 @@ def test_every_redis_client_pod_connects_with_tls_and_the_client_secret(overlay:
                 secret, key = _secret_mount(pod, container, env[variable])
                 assert secret == CLIENT_SECRET and key in CERT_FILES, f"{name}: {variable}"
             # Everything the base mounts is still mounted.
-            (base_pod,) = _pod_specs(base[name])
+            (base_pod,) = pod_specs(base[name])
             assert {v["name"] for v in base_pod.get("volumes", [])} < {v["name"] for v in pod["volumes"]}
     assert {"learner", "reward", "rollout"} <= set(clients)
     assert "redis://" not in yaml.safe_dump_all(docs), "no plaintext Redis URL left anywhere"
     if overlay == "gpu+tls":
-        rollout = _pod_specs(_workloads(docs)["rollout"])[0]["containers"][0]
+        rollout = pod_specs(_workloads(docs)["rollout"])[0]["containers"][0]
         assert rollout["resources"]["limits"]["nvidia.com/gpu"] == 1 and rollout["image"] == "dipo:gpu"
 
 
 def _redis_pod(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    (pod,) = _pod_specs(_workloads(docs)["redis"])
-    (container,) = pod["containers"]
+    (pod,) = pod_specs(_workloads(docs)["redis"])
+    (container,) = [c for c in pod["containers"] if c["name"] == "redis"]
     return pod, container
 
 
@@ -375,7 +337,7 @@ def test_redis_pod_serves_only_tls_with_the_server_secret(rendered: list[dict[st
     assert container["command"] == ["sh", "-c"]
     (line,) = container["args"]
     # The same command line as the Compose override (run for real above), with Kubernetes' `$` for Compose's `$$`.
-    compose = _redis_command(_merged(COMPOSE_TLS_FILE)).replace("$$", "$")
+    compose = interpolate(_redis_command(_merged(COMPOSE_TLS_FILE)))
     assert line.split() == compose.split()
     args = shlex.split(line)
     options = dict(zip(args[2::2], args[3::2], strict=True))
@@ -398,7 +360,7 @@ def test_k8s_run_config_is_valid_with_the_tls_environment(rendered: list[dict[st
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed: nothing to compare with")
 def test_python_kustomize_subset_renders_the_tls_overlay_like_kubectl(rendered: list[dict[str, Any]]) -> None:
-    ours, theirs = _by_kind_and_name(kustomize_build(K8S_TLS)), _by_kind_and_name(rendered)
+    ours, theirs = by_kind_and_name(kustomize_build(K8S_TLS)), by_kind_and_name(rendered)
     assert sorted(ours) == sorted(theirs)
     assert [key for key in ours if ours[key] != theirs[key]] == []
 
@@ -414,7 +376,7 @@ def test_tls_manifests_validate_against_the_kubernetes_schemas(overlay: str, ver
     for template in templates:
         kubernetes_validate.validate(template, version, strict=True)
         assert template["stringData"].keys() == CERT_FILES and set(template["stringData"].values()) == {"CHANGE-ME"}
-    mounted = {v["secret"]["secretName"] for d in docs for p in _pod_specs(d) for v in p["volumes"] if "secret" in v}
+    mounted = {v["secret"]["secretName"] for d in docs for p in pod_specs(d) for v in p["volumes"] if "secret" in v}
     assert {t["metadata"]["name"] for t in templates} == mounted == {SERVER_SECRET, CLIENT_SECRET}
     kustomization = yaml.safe_load((K8S_TLS / "kustomization.yaml").read_text())
     assert "secret.template.yaml" not in [*kustomization["resources"], *(p["path"] for p in kustomization["patches"])]
