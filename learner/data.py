@@ -122,12 +122,7 @@ def reasoning_gym_items(cfg: DataConfig) -> list[DataItem]:
 
 def bfcl_items(cfg: DataConfig) -> list[DataItem]:
     """Items of the comma-separated BFCL v4 categories in `cfg.dataset`, in file order."""
-    categories = [c.strip() for c in cfg.dataset.split(",") if c.strip()]
-    unknown = [c for c in categories if c not in bfcl.PROMPT_CATEGORIES]
-    if not categories or unknown:
-        raise ValueError(
-            f"data.dataset must list BFCL categories from {', '.join(bfcl.PROMPT_CATEGORIES)}; got {unknown}"
-        )
+    categories = bfcl.check_categories(cfg.dataset)
     items = [
         DataItem(
             item_id=item.id,

@@ -47,7 +47,8 @@ _HEALTH_TASK = PromptTask(
 def _health_group() -> RolloutGroup:
     texts = ["2 + 2 = \\boxed{4}", "\\boxed{5}"]
     responses = [
-        Response(np.array([1, 2], np.uint32), np.array([-0.1, -0.2], np.float32), t, "stop", 0, 0) for t in texts
+        Response.of_version(np.array([1, 2], np.uint32), np.array([-0.1, -0.2], np.float32), t, "stop", 0)
+        for t in texts
     ]
     return RolloutGroup(_HEALTH_TASK, np.array([1], np.uint32), responses, "health", time.time(), 0.0)
 
@@ -71,13 +72,12 @@ def request_to_group(body: ScoreRequest) -> RolloutGroup:
         ),
         prompt_token_ids=np.zeros(0, np.uint32),
         responses=[
-            Response(
+            Response.of_version(
                 token_ids=np.asarray(r.token_ids, dtype=np.int64).astype(np.uint32),
                 logprobs=np.asarray(r.logprobs, dtype=np.float32),
                 text=r.text,
                 finish_reason=r.finish_reason,
-                version_first=r.version,
-                version_last=r.version,
+                version=r.version,
             )
             for r in body.responses
         ],

@@ -74,10 +74,15 @@ def score_group(
     stamp: FitStamp,
     cfg: RewardConfig,
     *,
-    overlong_buffer: int,
+    overlong_buffer: int | None = None,
     scorer_id: str = "",
 ) -> ScoredGroup:
-    """Assemble the scored group of DIPO_SPEC sections 1, 4 and 5 from the verifier results of its responses."""
+    """Assemble the scored group of DIPO_SPEC sections 1, 4 and 5 from the verifier results of its responses.
+
+    ``overlong_buffer`` is L_c (``reward.overlong.buffer``); None takes a quarter of the task's own
+    ``max_new_tokens``. Either way it is clamped below the task's limit, so a task with a short limit is scored
+    with a shorter soft zone instead of being refused.
+    """
     if len(results) != len(rollout.responses):
         raise ValueError(f"{len(results)} verifier results for {len(rollout.responses)} responses")
     pairs = [status_reward(r, cfg.timeout_as_wrong) for r in results]
@@ -86,9 +91,14 @@ def score_group(
     failed = np.isnan(reward)  # only possible with timeout_as_wrong=False
     reward[failed] = 0.0
 
-    if cfg.overlong.enabled:
+    max_len = rollout.task.sampling.max_new_tokens
+    if cfg.overlong.enabled and max_len > 1:  # a 1-token limit leaves no room for a soft zone
+        buffer = min(overlong_buffer or max(1, max_len // 4), max_len - 1)
         lengths = np.array([r.token_ids.size for r in rollout.responses])
-        reward += overlong_penalty(lengths, rollout.task.sampling.max_new_tokens, overlong_buffer)
+        penalty = overlong_penalty(lengths, max_len, buffer)
+        if cfg.overlong.filter_truncated:  # truncated responses are masked from the loss instead (DAPO's filter)
+            penalty[[r.finish_reason == "length" for r in rollout.responses]] = 0.0
+        reward += penalty
 
     ppl = response_perplexities(rollout)
     fit = stamp.fit if cfg.dipo.enabled else CLOSED_FIT

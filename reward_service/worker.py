@@ -98,7 +98,7 @@ class RewardWorker:
             results,
             stamp,
             self.cfg.reward,
-            overlong_buffer=self.cfg.overlong_buffer,
+            overlong_buffer=self.cfg.reward.overlong.buffer,
             scorer_id=self.consumer,
         )
         self._observe(group.task.task_kind, scored, stamp)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -225,7 +226,9 @@ def launch(
     finally:
         if redis_server is not None and redis_server.is_running():
             redis_server.stop()  # only reached running when the supervisor never got to stop it
-    _final_report(run_dir, console)
+    report = _final_report(run_dir, console)
+    if report is not None and cfg.learner.trackers:
+        _track_report(config_path, overrides, report.parent)
     _print_outcome(console, code, supervisor.statuses())
     return code
 
@@ -253,13 +256,25 @@ def _supervise(supervisor: Supervisor, cfg: RunConfig, run_dir: Path, console: C
         monitor.close()
 
 
-def _final_report(run_dir: Path, console: Console) -> None:
+def _final_report(run_dir: Path, console: Console) -> Path | None:
     try:
         path = build_report(run_dir)
     except Exception:  # a broken plot must not hide the run's outcome; the error is in the launcher log
         log.exception("could not build the report; rebuild it with `dipo report %s`", run_dir)
-        return
+        return None
     console.print(f"report: {path}")
+    return path
+
+
+def _track_report(config_path: Path, overrides: Sequence[str], folder: Path) -> None:
+    """Log the report's plots to the run's experiment trackers (a child process: the launcher imports no
+    component)."""
+    argv = [sys.executable, "-m", "learner.trackers", "--config", str(config_path), "--artifacts", str(folder)]
+    for item in overrides:
+        argv += ["--set", item]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    if result.returncode != 0:
+        log.warning("could not log the report to the trackers: %s", result.stderr[-2000:])
 
 
 def _print_outcome(console: Console, code: int, statuses: list[ChildStatus]) -> None:

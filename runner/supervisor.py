@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,11 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-# Restart policy of crashed children. The cap counts restarts over the child's whole life; the backoff exponent
-# resets once a child has run for STABLE_AFTER_S, so a rare crash late in a long run waits only BACKOFF_BASE_S.
+# Restart policy of crashed children. The cap counts the restarts of the last RESTART_WINDOW_S, so a long run that
+# crashes now and then is never given up on while a crash loop is; the backoff exponent resets once a child has run
+# for STABLE_AFTER_S, so a rare crash late in a long run waits only BACKOFF_BASE_S.
 MAX_RESTARTS = 5
+RESTART_WINDOW_S = 3600.0
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 300.0
@@ -59,6 +62,8 @@ class RestartPolicy:
     """When and how a crashed child is started again."""
 
     max_restarts: int = MAX_RESTARTS
+    """Restarts allowed within ``window_s``; one more crash inside the window fails the run."""
+    window_s: float = RESTART_WINDOW_S
     backoff_base_s: float = BACKOFF_BASE_S
     backoff_max_s: float = BACKOFF_MAX_S
     stable_after_s: float = STABLE_AFTER_S
@@ -100,6 +105,9 @@ class _Child:
     proc: subprocess.Popen[bytes] | None = None
     state: ChildState = "pending"
     restarts: int = 0
+    """Restarts over the child's whole life (what the panel shows)."""
+    restart_times: deque[float] = field(default_factory=deque)
+    """When the restarts of the current window happened (monotonic seconds)."""
     quick_failures: int = 0
     exit_code: int | None = None
     started_at: float = 0.0
@@ -211,6 +219,7 @@ class Supervisor:
                     self._on_exit(child, code, now)
             elif child.state == "restarting" and now >= child.restart_at:
                 child.restarts += 1
+                child.restart_times.append(now)
                 policy = child.spec.restart_policy
                 self._spawn(child, policy.restart_argv or child.spec.argv)
         self._check_redis()
@@ -225,18 +234,21 @@ class Supervisor:
             return
         if now - child.started_at >= policy.stable_after_s:
             child.quick_failures = 0
-        if child.restarts >= policy.max_restarts or code in policy.fatal_exit_codes:
+        while child.restart_times and child.restart_times[0] < now - policy.window_s:
+            child.restart_times.popleft()
+        if len(child.restart_times) >= policy.max_restarts or code in policy.fatal_exit_codes:
             child.state = "failed"
-            log.error("%s exited with code %d and is not restarted (%d restarts so far); see %s",
-                      spec.name, code, child.restarts, self.log_dir / f"{spec.name}.log")  # fmt: skip
+            log.error("%s exited with code %d and is not restarted (%d restarts in the last %.0fs, %d in all); see %s",
+                      spec.name, code, len(child.restart_times), policy.window_s, child.restarts,
+                      self.log_dir / f"{spec.name}.log")  # fmt: skip
             self.outcome = EXIT_FAILED
             return
         delay = policy.delay(child.quick_failures)
         child.quick_failures += 1
         child.state = "restarting"
         child.restart_at = now + delay
-        log.warning("%s exited with code %d; restart %d/%d in %.1fs",
-                    spec.name, code, child.restarts + 1, policy.max_restarts, delay)  # fmt: skip
+        log.warning("%s exited with code %d; restart %d/%d of the window in %.1fs",
+                    spec.name, code, len(child.restart_times) + 1, policy.max_restarts, delay)  # fmt: skip
 
     def _check_redis(self) -> None:
         if self.redis is None or self.redis.is_running() or self.outcome is not None:

@@ -37,9 +37,36 @@ ANY_CALL_CATEGORIES = ("live_relevance",)
 """Categories where any call is correct: no call-level ground truth (``None``), so they are no prompt source."""
 CATEGORIES = CALL_CATEGORIES + NO_CALL_CATEGORIES + ANY_CALL_CATEGORIES
 PROMPT_CATEGORIES = CALL_CATEGORIES + NO_CALL_CATEGORIES
-"""Categories with an exact, call-level answer: what a training or evaluation data source may use."""
+"""Categories with an exact, call-level answer."""
 
 Language = Literal["python", "java", "javascript"]
+
+
+def category_language(category: str) -> Language:
+    """The language whose types a category's functions use."""
+    if category.endswith("_javascript"):
+        return "javascript"
+    return "java" if category.endswith("_java") else "python"
+
+
+SCORED_CATEGORIES = tuple(c for c in PROMPT_CATEGORIES if category_language(c) == "python")
+"""What a training or evaluation data source may use: the function-call verifier checks Python-typed arguments
+only (BFCL's Java and JavaScript type rules are not implemented), so ``simple_java`` and ``simple_javascript``
+would score every response ``error``."""
+
+
+def check_categories(dataset: str) -> list[str]:
+    """The comma-separated categories of ``dataset``; ValueError naming the supported ones for anything else."""
+    categories = [c.strip() for c in dataset.split(",") if c.strip()]
+    refused = [c for c in categories if c not in SCORED_CATEGORIES]
+    if not categories or refused:
+        unscored = [c for c in refused if c in PROMPT_CATEGORIES]
+        why = f" ({', '.join(unscored)}: Java/JavaScript types are not verified)" if unscored else ""
+        raise ValueError(
+            f"data.dataset must list BFCL categories from {', '.join(SCORED_CATEGORIES)}; got {refused or dataset!r}"
+            + why
+        )
+    return categories
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +83,7 @@ class BfclItem:
     @property
     def language(self) -> Language:
         """The language whose types the category's functions use."""
-        if self.category.endswith("_javascript"):
-            return "javascript"
-        return "java" if self.category.endswith("_java") else "python"
+        return category_language(self.category)
 
 
 def data_dir() -> Path:

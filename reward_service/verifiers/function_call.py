@@ -231,7 +231,8 @@ def _parse_python(text: str) -> list[ToolCall]:
     _check_nesting(text)
     try:
         tree = ast.parse(text, mode="exec")
-    except (SyntaxError, ValueError, RecursionError, OverflowError) as exc:
+    # MemoryError: CPython's parser reports a too-deep expression (60,000 unary minuses) as out of memory
+    except (SyntaxError, ValueError, RecursionError, OverflowError, MemoryError) as exc:
         raise CallParseError(f"invalid call syntax: {type(exc).__name__}") from None
     calls: list[ToolCall] = []
     for statement in tree.body:

@@ -246,6 +246,20 @@ def test_restart_cap_fails_the_run_and_stops_the_rest(out: Path) -> None:
         assert gone(pid)
 
 
+def test_the_restart_cap_counts_a_rolling_window_not_the_whole_run(out: Path) -> None:
+    # Crashes spaced further apart than the window never reach the cap; the same number inside it would.
+    # A crash comes well within 1 s of its restart (the window holds that restart); the restart before it is 1.5 s
+    # further back (out of the window). Counted over the whole run, the 3rd crash would exceed the cap of 2.
+    policy = RestartPolicy(max_restarts=2, window_s=1.0, backoff_base_s=1.5, backoff_max_s=1.5, stable_after_s=0.0)
+    specs = [
+        child(out, "learner", primary=True, stop_rank=STOP_RANK_LEARNER, WAIT_FOR="worker.pids", WAIT_LINES=4),
+        child(out, "worker", "crash", policy),
+    ]
+    supervisor = Supervisor(specs, out / "logs", poll_interval_s=0.02)
+    assert run_supervisor(supervisor) == EXIT_DONE  # the learner saw the worker's 4th start, then finished
+    assert len(pids(out, "worker")) >= 4  # 3 restarts and more: past the cap of 2, never 2 within the window
+
+
 def test_usage_error_is_not_restarted(out: Path) -> None:
     specs = [child(out, "learner", primary=True), child(out, "worker", "crash", CODE=2)]
     supervisor = Supervisor(specs, out / "logs", poll_interval_s=0.02)

@@ -10,8 +10,8 @@ import pytest
 
 from learner.data import DataItem, EpochOrder, load_items, pick_examples
 from learner.prompts import MATH_INSTRUCTION, build_function_call_messages
-from services.bfcl import PROMPT_CATEGORIES
-from services.config import DataConfig
+from services.bfcl import PROMPT_CATEGORIES, SCORED_CATEGORIES, load_bfcl
+from services.config import DataConfig, RunConfig
 
 CHAIN_SUM_ARGS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 
@@ -240,8 +240,10 @@ def test_bfcl_irrelevance_has_empty_ground_truth() -> None:
 
 
 def test_bfcl_java_prompt_passes_arguments_as_strings() -> None:
-    item = bfcl("simple_java")[0]
-    schema_line = item.messages[0]["content"].split("<tools>\n", 1)[1].split("\n", 1)[0]
+    pytest.importorskip("bfcl_eval", reason="bfcl-eval (installed with --no-deps) provides the BFCL data files")
+    raw = load_bfcl("simple_java")[0]  # (no data source offers it: the verifier checks Python types only)
+    messages = build_function_call_messages(raw.messages, raw.functions, None, raw.language)
+    schema_line = messages[0]["content"].split("<tools>\n", 1)[1].split("\n", 1)[0]
     params = json.loads(schema_line)["function"]["parameters"]["properties"]
     assert {p["type"] for p in params.values()} == {"string"}
     assert "Java 8 SDK" in schema_line
@@ -251,6 +253,14 @@ def test_bfcl_rejects_unsupported_categories() -> None:
     with pytest.raises(ValueError, match="multi_turn_base"):
         bfcl("simple_python,multi_turn_base")
     assert "live_relevance" not in PROMPT_CATEGORIES
+
+
+@pytest.mark.parametrize("category", ["simple_java", "simple_javascript"])
+def test_java_and_javascript_categories_are_refused_when_the_config_loads(category: str) -> None:
+    # Their responses could only ever score `error` (the verifier checks Python types): refuse before any run starts.
+    with pytest.raises(ValueError, match="Java/JavaScript types are not verified") as refused:
+        RunConfig(data={"source": "bfcl", "task_kind": "function_call", "dataset": f"simple_python,{category}"})
+    assert "simple_python, multiple" in str(refused.value) and category not in SCORED_CATEGORIES
 
 
 def test_function_call_messages_merge_leading_system_turns() -> None:

@@ -423,6 +423,8 @@ def test_parser_bounds() -> None:
         parse_tool_calls("[" + ", ".join(["f()"] * 65) + "]")
     with pytest.raises(CallParseError, match="too large"):
         parse_tool_calls(f"f(a={2**63})")
+    with pytest.raises(CallParseError, match="MemoryError"):  # the parser's stack, not the machine: unparsable
+        parse_tool_calls("calc(a=" + "-" * 60_000 + "1)")
     assert parse_tool_calls(f"f(a={-(2**63) + 1}, b=-1.5, c={{1, 2}}, d=(1, 'x'), e=None)") == [
         ToolCall("f", {"a": -(2**63) + 1, "b": -1.5, "c": [1, 2], "d": [1, "x"], "e": None})
     ]
