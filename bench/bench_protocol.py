@@ -39,13 +39,13 @@ def make_rollout_group(responses: int, tokens: int, seed: int = 0, prompt_id: st
         task=task,
         prompt_token_ids=rng.integers(0, 150_000, size=256, dtype=np.uint32),
         responses=[
-            Response(
+            Response.of_version(
                 token_ids=rng.integers(0, 150_000, size=tokens, dtype=np.uint32),
                 logprobs=-rng.exponential(0.5, size=tokens).astype(np.float32),
                 text=" ".join(rng.choice(words, size=tokens * CHARS_PER_TOKEN // 6)),
                 finish_reason="length",
-                version_first=7,
-                version_last=7,
+                version=7,
+                weights="v7:0123456789abcdef",
             )
             for _ in range(responses)
         ],

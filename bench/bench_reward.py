@@ -38,8 +38,9 @@ def make_group(i: int, rng: np.random.Generator, n: int = 16, tokens: int = 256)
     for _ in range(n):
         answer = a + b if rng.random() < 0.5 else a + b + int(rng.integers(1, 9))
         text = f"Adding {a} and {b} step by step gives " + "so " * 40 + f"\\boxed{{{answer}}}"
-        responses.append(Response(rng.integers(0, 49_000, tokens).astype(np.uint32),
-                                  (-rng.exponential(0.5, tokens)).astype(np.float32), text, "stop", 0, 0))  # fmt: skip
+        ids = rng.integers(0, 49_000, tokens).astype(np.uint32)
+        logprobs = (-rng.exponential(0.5, tokens)).astype(np.float32)
+        responses.append(Response.of_version(ids, logprobs, text, "stop", 0))
     return RolloutGroup(task, np.arange(64, dtype=np.uint32), responses, "bench", time.time(), 1.0)
 
 

@@ -53,12 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Without it, the held-out set of --config's data section.")  # fmt: skip
     add("--config", help="Run config YAML: its data section gives the held-out set (and the training set for the "
         "overlap check); its sampling, rollout and reward sections give defaults.")  # fmt: skip
+    add("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="Override a field of the run config: section.field=value (repeatable; beats the file and the DIPO_* "
+        "environment), as `dipo run` and `dipo config show` take it.")  # fmt: skip
     add("--samples", type=int, help="K: responses per item (default: sampling.n).")
     add("--limit", type=int, help="Evaluate only the first N items of each category.")
     add("--temperature", type=float, help="Sampling temperature; 0 = greedy (default: sampling.temperature).")
     add("--top-p", type=float, help="Nucleus mass (default: sampling.top_p).")
     add("--max-new-tokens", type=int, help="Largest response length (default: sampling.max_new_tokens).")
-    add("--batch-prompts", type=int, help="Prompts per generate call (default: rollout.prompts_per_batch).")
+    add("--batch-prompts", type=int, help="Prompts per generate call (default: rollout.max_inflight_groups).")
     add("--backend", choices=["hf", "vllm"], help="Sampling backend (default: rollout.backend).")
     add("--device", help="torch device of the hf backend (default: rollout.device).")
     add("--threads", type=int, help="torch threads of the hf backend (default: rollout.torch_threads).")
@@ -123,7 +126,7 @@ def model_path(name_or_path: str, cfg: RunConfig) -> str | Path:
 
 def run(args: argparse.Namespace) -> EvalResult:
     """Resolve every input (raising ValueError on bad ones), then evaluate."""
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     items, blocks = load_eval_items(args, cfg)
     from rollout_server.backends import BackendOptions  # torch loads here, after every input was checked
 
@@ -149,7 +152,7 @@ def run(args: argparse.Namespace) -> EvalResult:
         cfg.sampling.n if args.samples is None else args.samples,
         sampling,
         backend_kind=args.backend or cfg.rollout.backend,
-        batch_prompts=cfg.rollout.prompts_per_batch if args.batch_prompts is None else args.batch_prompts,
+        batch_prompts=cfg.rollout.max_inflight_groups if args.batch_prompts is None else args.batch_prompts,
         reward=cfg.reward,
         progress=not args.no_progress,
         keep_responses=args.responses,

@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import msgpack
+import numpy as np
 import redis
 import redis.asyncio as aioredis
 import torch
 
 from learner.app import LearnerServer, Progress
 from learner.batch import AssemblerState, BatchAssembler, StepBatch, decode_samples, encode_samples
+from learner.canary import score_tokens
 from learner.checkpoint import (
     FullState,
     gather_full_state,
@@ -38,18 +40,23 @@ from learner.checkpoint import (
     load_checkpoint,
     load_weights,
     save_checkpoint,
+    save_checkpoint_sharded,
 )
 from learner.data import load_items
 from learner.distributed import DistInfo, broadcast_bytes
 from learner.feeder import FeederState, PromptFeeder
 from learner.metrics import LearnerMetrics
 from learner.policy import PolicyPublisher
+from learner.provenance import Provenance
+from learner.publication import Publication
+from learner.trackers import Trackers
 from learner.train import Trainer
 from learner.weight_sync import WeightBroadcaster
 from services.config import RunConfig
-from services.contracts import LEARNER_CONSUMER, RUNNING, PolicyField, RunFolder
+from services.contracts import FINGERPRINT_FILE, LEARNER_CONSUMER, RUNNING, PolicyField, RunFolder
 from services.contracts import MetricKey as K
 from services.ledger import LedgerWriter
+from services.modeling.canary import canary_token_ids
 from services.modeling.loading import load_model, load_tokenizer, resolve_model_path, torch_dtype
 from services.streams import clients_from_config
 
@@ -96,6 +103,9 @@ class _Run:
     feeding: asyncio.Task[None]
     assembler: BatchAssembler
     broadcaster: WeightBroadcaster
+    provenance: Provenance
+    publication: Publication
+    trackers: Trackers
     metrics_file: TextIO
     pending_acks: list[str] = field(default_factory=list)
     """Scored entries trained on since the last checkpoint: acknowledged once a checkpoint holds their update."""
@@ -138,6 +148,8 @@ class Learner:
             self.step, self.version = int(self.state["step"]), int(self.state["version"])
             log.info("resumed from %s at step %d, version %d", latest, self.step, self.version)
         self.latest_checkpoint = latest
+        self._checkpoint_version = self.version if latest is not None else -1
+        self.canary_ids = canary_token_ids(self.tokenizer)
 
     @property
     def fsdp(self) -> bool:
@@ -169,8 +181,18 @@ class Learner:
             elif op == "gather":
                 optimizer = self.trainer.optimizer if message["optimizer"] else None
                 gather_full_state(self.model, optimizer, sharded=self.fsdp)
+            elif op == "canary":
+                score_tokens(self.trainer, message["ids"])
+            elif op == "checkpoint":
+                save_checkpoint_sharded(checkpoint_root(self.cfg), int(message["step"]), self.model,
+                                        self.trainer.optimizer, self.trainer.scheduler, {})  # fmt: skip
             else:
                 raise ValueError(f"unknown control op {op!r} from rank 0")
+
+    def score_canary(self) -> np.ndarray:
+        """Rank 0: the canary's log-probs under the current weights (every rank joins the forward under FSDP)."""
+        self._tell_followers({"op": "canary", "ids": self.canary_ids})
+        return score_tokens(self.trainer, self.canary_ids)
 
     def stop_followers(self) -> None:
         """Rank 0: release the other ranks from ``follow``."""
@@ -189,8 +211,11 @@ class Learner:
                 full.weights.items()]  # fmt: skip
 
     def write_checkpoint(self, extra: dict[str, Any], full: FullState | None = None) -> Path:
-        """Rank 0: checkpoint the current step with `extra` JSON state; gathers (FSDP) unless `full` holds the
-        optimizer state already."""
+        """Rank 0: checkpoint the current step with `extra` JSON state. Under FSDP every rank writes its own
+        optimizer shard (torch.distributed.checkpoint) and rank 0 the Hugging Face weights; otherwise rank 0 writes
+        everything, gathering unless `full` holds the optimizer state already."""
+        if self.fsdp:
+            return self._write_sharded_checkpoint(extra, full)
         if full is None or full.optimizer is None:
             full = self.gather(optimizer=True)
         path = save_checkpoint(
@@ -205,6 +230,19 @@ class Learner:
             weights=full.checkpoint_weights(),
             optimizer_state=full.optimizer,
         )
+        self.latest_checkpoint = path
+        return path
+
+    def _write_sharded_checkpoint(self, extra: dict[str, Any], full: FullState | None) -> Path:
+        if full is None:
+            full = self.gather(optimizer=False)
+        self._tell_followers({"op": "checkpoint", "step": self.step})
+        path = save_checkpoint_sharded(
+            checkpoint_root(self.cfg), self.step, self.model, self.trainer.optimizer, self.trainer.scheduler,
+            {"version": self.version, **extra}, tokenizer=self.tokenizer, keep=self.cfg.learner.keep_checkpoints,
+            weights=full.checkpoint_weights(),
+        )  # fmt: skip
+        assert path is not None, "rank 0 gets the checkpoint folder"
         self.latest_checkpoint = path
         return path
 
@@ -254,14 +292,15 @@ class Learner:
         feeder = PromptFeeder(cfg, aredis, load_items(cfg.data), feeder_state)
         feeder.on_release = ledger.release
         # Drops are reported to the feeder as they happen, so their admission slots come back at once.
-        assembler = BatchAssembler(
-            cfg, aredis, LEARNER_CONSUMER, seen_ids=restored.seen_ids, totals=restored.totals, on_settled=feeder.settle
-        )
+        provenance = Provenance(cfg, aredis)
+        assembler = BatchAssembler(cfg, aredis, LEARNER_CONSUMER, seen_ids=restored.seen_ids, totals=restored.totals,
+                                   on_settled=feeder.settle, provenance=provenance)  # fmt: skip
         broadcaster = WeightBroadcaster(
             lc.weight_sync_host, lc.weight_sync_port, backend="nccl" if self.dist.device.type == "cuda" else "gloo",
             timeout_s=cfg.rollout.weight_sync_timeout_s, publish=publisher.publish,
             advertise_host=lc.weight_sync_advertise,
         )  # fmt: skip
+        publication = Publication(broadcaster, provenance, publisher, metrics.on_sync)
         checkpoint = self.latest_checkpoint
         publisher.publish({
             PolicyField.VERSION: self.version, PolicyField.STEP: self.step, PolicyField.STATUS: RUNNING,
@@ -269,8 +308,23 @@ class Learner:
             PolicyField.CHECKPOINT_VERSION: self.version if checkpoint else -1,
         })  # fmt: skip
         feeding = asyncio.create_task(feeder.run(lambda: self.version, stop), name="feeder")
-        return _Run(stop, aredis, sredis, publisher, ledger, metrics, progress, LearnerServer(cfg, metrics, progress),
-                    feeder, feeding, assembler, broadcaster, folder.metrics.open("a"))  # fmt: skip
+        server = LearnerServer(cfg, metrics, progress)
+        trackers = Trackers.from_config(cfg, cfg.resolved_run_dir)
+        run = _Run(stop, aredis, sredis, publisher, ledger, metrics, progress, server, feeder, feeding, assembler,
+                   broadcaster, provenance, publication, trackers, folder.metrics.open("a"))  # fmt: skip
+        try:
+            await self._publish_current(run)  # the weights rollout servers start from carry a record too
+        except BaseException:
+            await self._teardown(run, "failed")
+            raise
+        return run
+
+    async def _publish_current(self, run: _Run) -> None:
+        """Publish the weights in place as the current version (at start and on resume)."""
+        full = await asyncio.to_thread(self.gather)
+        canary = await asyncio.to_thread(self.score_canary)
+        run.publication.start(self._published(full), self.version, canary)
+        await run.publication.wait()
 
     async def _train_one_step(self, run: _Run) -> bool:
         """Wait for a batch, train on it, publish the new version and checkpoint when due; False when stopped."""
@@ -279,6 +333,7 @@ class Learner:
         batch = await self._next_batch_serving_joiners(run)
         if batch is None:
             return False
+        sync_wait_s = await run.publication.wait()  # the previous version's publication overlapped the wait
         wait_s = time.monotonic() - wait_start
         run.phase("train")
         train = await asyncio.to_thread(self.train_step, encode_samples(batch.samples))
@@ -293,6 +348,8 @@ class Learner:
             K.GEN_TOKENS_PER_S: float(batch.stats.get(K.GEN_TOKENS, 0.0)) / max(1e-9, now - run.last_step_end),
             K.ELAPSED_S: now - run.started,
             K.WAIT_SECONDS: wait_s,
+            K.SYNC_WAIT_SECONDS: sync_wait_s,
+            K.SYNC_SECONDS: run.publication.last_seconds,
             K.PROMPTS_RELEASED: run.feeder.state().released,
         }
         run.last_step_end = now
@@ -301,33 +358,36 @@ class Learner:
         return True
 
     async def _publish_and_checkpoint(self, run: _Run) -> dict[str, float]:
-        """Broadcast the new weights (every ``sync_every`` versions), publish the version, checkpoint when due;
-        returns the timings."""
+        """Start publishing the new weights (every ``sync_every`` versions; it runs on while the learner waits for
+        the next batch) and checkpoint when due; returns the timings."""
         lc = self.cfg.learner
         sync = self.version % lc.sync_every == 0
         ckpt = self.step % lc.checkpoint_every == 0 or self.step == lc.steps
         gather_start = time.monotonic()
         # One gather serves both the broadcast and the checkpoint (a no-copy view without FSDP).
-        full = await asyncio.to_thread(self.gather, optimizer=ckpt) if sync or ckpt else None
-        timings = {K.GATHER_SECONDS: time.monotonic() - gather_start, K.SYNC_SECONDS: 0.0, K.CHECKPOINT_SECONDS: 0.0}
+        full = await asyncio.to_thread(self.gather, optimizer=ckpt and not self.fsdp) if sync or ckpt else None
+        timings = {K.GATHER_SECONDS: time.monotonic() - gather_start, K.CHECKPOINT_SECONDS: 0.0}
         if sync and full is not None:
+            canary = await asyncio.to_thread(self.score_canary)
             run.phase("sync")
-            report = await asyncio.to_thread(run.broadcaster.broadcast, self._published(full), self.version)
-            timings[K.SYNC_SECONDS] = report.seconds
-            run.metrics.on_sync(report)
-        run.publisher.publish({PolicyField.VERSION: self.version, PolicyField.STEP: self.step})
+            run.publication.start(self._published(full), self.version, canary)
+        run.publisher.publish({PolicyField.STEP: self.step})
         if ckpt:
+            await run.publication.wait()  # the checkpoint records the fingerprint the publication computed
             run.phase("checkpoint")
             timings[K.CHECKPOINT_SECONDS] = await self._checkpoint_and_ack(run, full)
-        del full  # gathered copies are a full CPU model: do not keep them through the next step
+        del full  # the publication keeps what it needs; a gathered copy is a full CPU model
+        await run.provenance.forget_before(self.version - lc.max_staleness - 2, keep={self._checkpoint_version})
         return timings
 
     async def _record_step(self, run: _Run, line: dict[str, Any], batch: StepBatch) -> None:
         """One metrics.jsonl line, the Prometheus metrics and a log line for the step just done."""
         run.metrics.on_step(line, batch)
+        run.metrics.on_quarantines(run.provenance.quarantined)
         await run.metrics.observe_streams(run.aredis, self.cfg.name)
         run.metrics_file.write(json.dumps(line) + "\n")
         run.metrics_file.flush()
+        run.trackers.log_step(line, self.step)
         log.info(
             "step %d  v%d  reward %.3f  acc %.3f  loss %.4f  wait %.1fs", self.step, self.version,
             line.get(K.REWARD_MEAN) or 0.0, line.get(K.ACCURACY) or 0.0, line.get(K.LOSS) or 0.0,
@@ -336,6 +396,8 @@ class Learner:
 
     async def _teardown(self, run: _Run, status: str) -> None:
         """Stop feeding, publish the final status, release the other ranks and close everything."""
+        with contextlib.suppress(Exception):  # a failed final broadcast must not hide why the loop ended
+            await run.publication.wait()
         run.stop.set()
         run.feeding.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -345,6 +407,7 @@ class Learner:
         run.broadcaster.close()
         run.metrics_file.close()
         run.ledger.close()
+        run.trackers.close(status)
         run.server.close()
         await run.aredis.aclose()
         run.sredis.close()
@@ -364,7 +427,9 @@ class Learner:
             while not done.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(done.wait(), JOINER_POLL_S)
-                if done.is_set() or not await asyncio.to_thread(run.broadcaster.unserved_members):
+                if done.is_set() or run.publication.busy:
+                    continue
+                if not await asyncio.to_thread(run.broadcaster.unserved_members):
                     continue
                 full = await asyncio.to_thread(self.gather)
                 report = await asyncio.to_thread(run.broadcaster.broadcast, self._published(full), self.version)
@@ -399,6 +464,10 @@ class Learner:
         extra = {"feeder": run.feeder.state().to_dict(), "assembler": run.assembler.state().to_dict()}
         open_ids = run.feeder.ledger()
         path = await asyncio.to_thread(self.write_checkpoint, extra, full)
+        if run.publication.version == self.version and run.publication.fingerprint:
+            # before the path is published: a server that loads the checkpoint finds the fingerprint beside it
+            (path / FINGERPRINT_FILE).write_text(run.publication.fingerprint)
+        self._checkpoint_version = self.version
         run.ledger.checkpoint(self.step, self.version, open_ids)
         await run.assembler.client.ack(run.pending_acks)  # only now: the checkpoint holds these groups' update
         run.publisher.publish({PolicyField.CHECKPOINT: str(path), PolicyField.CHECKPOINT_VERSION: self.version})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -29,6 +30,13 @@ _GAUGES = {  # metrics.jsonl key -> (metric, labels)
     K.LR: ("learning_rate", {}),
 }
 
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0)
+"""Seconds, for step, wait, broadcast and checkpoint times: measured steps, waits and syncs run 5-54 s on the 2-core
+CPU machine and well under a second on GPUs, and a checkpoint of a large model takes minutes; so the buckets span
+50 ms to 30 min, about two per decade below 1 s and finer where the CPU runs live."""
+QUADRANTS = ("CL", "CH", "EL", "EH")
+"""Correctness (C correct, E error) x perplexity (L below tau*, H above): metrics.jsonl's quad_<name> shares."""
+
 
 class LearnerMetrics:
     """Every learner metric, on its own registry."""
@@ -48,15 +56,32 @@ class LearnerMetrics:
         self.staleness = m.gauge("staleness", "Version lag of the groups used: mean / max.", ["stat"])
         self.dropped = m.counter("dropped_groups", "Groups dropped, by reason.", ["reason"])
         self.used = m.counter("used_groups", "Groups used in optimizer updates.")
+        self.skipped_updates = m.counter(
+            "skipped_updates", "Optimizer updates skipped for a non-finite loss or gradient norm.", ["reason"]
+        )
         self.released = m.counter("prompts_released", "Prompts released by the feeder.")
-        self.step_seconds = m.histogram("step_seconds", "Wall time of one optimizer step.")
-        self.wait_seconds = m.histogram("wait_seconds", "Time waiting for scored groups per step.")
-        self.sync_seconds = m.histogram("weight_sync_seconds", "Broadcast time of one weight update.")
-        self.checkpoint_seconds = m.histogram("checkpoint_seconds", "Time to write one checkpoint.")
+        self.quadrant = m.gauge("quadrant_share", "Share of the last step's responses in a correctness x "
+                                "perplexity quadrant (CL, CH, EL, EH).", ["quadrant"])  # fmt: skip
+        self.last_step_time = m.gauge(
+            "last_step_timestamp_seconds", "Unix time of the last optimizer step (of the process start before one)."
+        )
+        self.last_step_time.set(time.time())  # a learner that never steps after a (re)start still ages
+        buckets = DURATION_BUCKETS
+        self.step_seconds = m.histogram("step_seconds", "Wall time of one optimizer step.", buckets=buckets)
+        self.wait_seconds = m.histogram("wait_seconds", "Time waiting for scored groups per step.", buckets=buckets)
+        self.sync_seconds = m.histogram("weight_sync_seconds", "Broadcast time of one weight update.", buckets=buckets)
+        self.sync_wait_seconds = m.histogram(
+            "sync_wait_seconds", "Time a step waited for the previous publication to finish.", buckets=buckets
+        )
+        self.canary_mismatches = m.counter(
+            "canary_mismatches", "Rollout servers quarantined: their canary disagreed with the learner's for a version."
+        )
+        self.checkpoint_seconds = m.histogram("checkpoint_seconds", "Time to write one checkpoint.", buckets=buckets)
         self.stream_length = m.gauge("stream_length", "Entries in a stream of the run.", ["stream"])
         self.stream_pending = m.gauge("stream_pending", "Pending entries of the stream's consumer group.", ["stream"])
         self._last_dropped: dict[str, int] = {}
         self._released_seen = 0
+        self._quarantined_seen = 0
 
     def on_step(self, line: dict[str, Any], batch: StepBatch) -> None:
         """Update every metric from one metrics.jsonl line."""
@@ -73,6 +98,9 @@ class LearnerMetrics:
             self.kind_share.labels(kind).set(num(f"kind_{kind}"))
         for action in ("reward", "penalty"):
             self.reallocations.labels(action).inc(num(f"realloc_{action}") or 0)
+        for name in QUADRANTS:
+            self.quadrant.labels(name).set(num(K.quadrant(name)))
+        self.last_step_time.set(time.time())
         self.ppl.labels("1").set(num("ppl_correct"))
         self.ppl.labels("0").set(num("ppl_wrong"))
         self.clip.labels("low").set(num("clip_low"))
@@ -81,16 +109,19 @@ class LearnerMetrics:
         self.iw.labels("max").set(num("is_weight_max"))
         self.staleness.labels("mean").set(num("staleness_mean"))
         self.staleness.labels("max").set(num("staleness_max"))
-        for reason in ("stale", "no_signal", "duplicate"):  # metrics.jsonl holds running totals
+        for reason in ("stale", "no_signal", "duplicate", "provenance"):  # metrics.jsonl holds running totals
             total = int(line.get(f"dropped_{reason}") or 0)
             self.dropped.labels(reason).inc(max(0, total - self._last_dropped.get(reason, 0)))
             self._last_dropped[reason] = total
         self.used.inc(len(batch.used))
+        for reason, key in (("nonfinite_loss", K.SKIPPED_NONFINITE_LOSS), ("nonfinite_grad", K.SKIPPED_NONFINITE_GRAD)):
+            self.skipped_updates.labels(reason).inc(int(line.get(key) or 0))
         released = int(line.get(K.PROMPTS_RELEASED) or 0)
         self.released.inc(max(0, released - self._released_seen))
         self._released_seen = released
         self.step_seconds.observe(num(K.STEP_SECONDS) if line.get(K.STEP_SECONDS) else 0.0)
         self.wait_seconds.observe(num("wait_seconds"))
+        self.sync_wait_seconds.observe(float(line.get(K.SYNC_WAIT_SECONDS) or 0.0))
         if line.get(K.CHECKPOINT_SECONDS):
             self.checkpoint_seconds.observe(num("checkpoint_seconds"))
 
@@ -108,6 +139,11 @@ class LearnerMetrics:
                 self.stream_pending.labels(name).set(pending)
             except (RedisError, OSError) as exc:  # a missing stream or a Redis hiccup must not stop training
                 log.debug("stream metrics for %s unavailable: %s", key, exc)
+
+    def on_quarantines(self, total: int) -> None:
+        """Record the running count of servers the learner quarantined."""
+        self.canary_mismatches.inc(max(0, total - self._quarantined_seen))
+        self._quarantined_seen = total
 
     def on_sync(self, report: BroadcastReport) -> None:
         """Record one weight broadcast."""

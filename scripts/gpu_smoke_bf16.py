@@ -99,6 +99,10 @@ def make_cfg(mode: str, samples: list[Sample], device: torch.device) -> RunConfi
         "correction": "tis",
         "micro_batch_tokens": max(64, sum(s.length for s in samples)),
         "device": str(device),
+        # The dtype probes hook the output layer's forward in a training and a no-grad pass: keep the plain head
+        # (the chunked one multiplies by its weight directly) and the separate proximal forward.
+        "head_chunk_tokens": 0,
+        "proximal_forward": "always",
     }
     longest = max(len(s.response_ids) for s in samples)
     model = {"dtype": "float32" if mode == "fp32" else "bfloat16"}

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
+from services import bfcl
 from services.contracts import RunFolder
 from services.extensions import BackendKind, LossName, TaskKind
 from services.protocol import Sampling
@@ -25,6 +26,8 @@ from services.protocol import Sampling
 ENV_PREFIX = "DIPO_"
 MathFallback = Literal["answer_line", "hashes"]
 ENV_DELIMITER = "__"
+TrackerName = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+"""Experiment trackers the learner can log to (learner/trackers.py; each one is an optional extra of the package)."""
 GpuIndex = Annotated[int, Field(ge=0)]
 """A GPU as the node numbers it (the numbers the parent's CUDA_VISIBLE_DEVICES lists, when set)."""
 
@@ -183,7 +186,33 @@ class RolloutConfig(_Section):
         "None: `dipo run` gives the workers the last visible GPUs, one each.",
     )
     torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per rollout process.")
-    prompts_per_batch: int = Field(4, ge=1, le=4096, description="Prompts generated together in one batch.")
+    max_inflight_groups: int = Field(
+        8,
+        ge=1,
+        le=4096,
+        validation_alias=AliasChoices("max_inflight_groups", "prompts_per_batch"),
+        description="Groups one server generates at once (continuous batching): the next prompt is taken from the "
+        "stream as soon as one finishes. (Older configs call it prompts_per_batch.)",
+    )
+    max_batch_rows: int | None = Field(
+        None,
+        ge=1,
+        le=65_536,
+        description="Decode slots: the most sequences (group samples) in the decode batch at once; None = "
+        "max_inflight_groups x sampling.n.",
+    )
+    canary_tolerance: float = Field(
+        0.05,
+        gt=0,
+        description="After every weight update a server scores a fixed canary sequence; the learner rejects the "
+        "server's groups of that version when the mean absolute difference from its own log-probs exceeds this "
+        "(nats per token). Identical float32 weights differ by about 1e-5; bfloat16 engines by a few 1e-2.",
+    )
+    swap_recomputes_kv: bool = Field(
+        False,
+        description="vLLM: recompute the KV cache of sequences in flight under new weights (a re-prefill) instead of "
+        "letting them continue on the KV the old weights computed (the hf backend always continues).",
+    )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM: share of GPU memory to use.")
     weight_sync_timeout_s: float = Field(120.0, gt=0, description="Timeout of every weight-sync collective.")
     server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoint of the rollout server.")
@@ -276,8 +305,46 @@ class LearnerConfig(_Section):
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     schedule: Literal["constant", "cosine"] = Field("constant", description="Learning-rate schedule after warm-up.")
-    micro_batch_tokens: int = Field(4096, ge=64, description="Token budget of one micro-batch (padded).")
+    micro_batch_tokens: int = Field(
+        4096,
+        ge=64,
+        description="Token budget of one micro-batch: rows x longest row, padding included (with shared_prefix a "
+        "group's prompt counts once). Every prompt + response must fit.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    minibatches: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="PPO mini-batches per step (DAPO/verl): the step's groups are split into this many optimizer "
+        "updates; from the second update on the clipped ratio acts. Must not exceed prompts_per_step.",
+    )
+    epochs: int = Field(1, ge=1, le=64, description="Passes over the step's mini-batches (PPO epochs).")
+    shared_prefix: bool = Field(
+        True,
+        description="Forward each group as one sequence, its prompt once and its responses after it under a mask "
+        "that lets each response see only the prompt and itself (needs sdpa, eager or flex_attention).",
+    )
+    pack_row_tokens: int = Field(
+        512,
+        ge=0,
+        le=1_048_576,
+        description="With shared_prefix, groups shorter than this share micro-batch rows (block-diagonal mask, no "
+        "padding); longer ones get rows of their own (a dense mask's attention grows with the row length squared). "
+        "0: one group per row.",
+    )
+    head_chunk_tokens: int = Field(
+        1024,
+        ge=0,
+        le=1_048_576,
+        description="Response positions per chunk of the log-prob/entropy head, recomputed in backward, so full-"
+        "vocabulary logits are never materialised; 0: all logits of a micro-batch at once.",
+    )
+    proximal_forward: Literal["auto", "always"] = Field(
+        "auto",
+        description="correction=tis: auto = a separate no-grad proximal forward only when a step makes more than one "
+        "update (with one, the gradient forward's detached log-probs are the proximal ones); always = every step.",
+    )
     sync_every: int = Field(1, ge=1, description="Publish weights every k optimizer steps.")
     weight_sync_host: str = Field(
         "127.0.0.1", description="Address the weight-sync rendezvous store listens on (0.0.0.0 only in containers)."
@@ -307,7 +374,37 @@ class LearnerConfig(_Section):
         description="The learner's /health fails (503) once no optimizer step has finished for this long (from "
         "the start until the first step): a liveness probe then restarts a learner that hangs.",
     )
+    trackers: list[TrackerName] = Field(
+        default_factory=list,
+        description="Experiment trackers that get every metrics.jsonl line, the resolved config (secrets masked) and "
+        "the report's plots: tensorboard, wandb (WANDB_MODE=offline works without an account), mlflow (a file store "
+        "unless MLFLOW_TRACKING_URI is set), trackio; empty: nothing is tracked. Install the extra of each "
+        "(`pip install 'dipo[tracking]'` for all).",
+    )
+    tracker_project: str = Field(
+        "dipo", min_length=1, description="Project (W&B, trackio) or experiment (MLflow) the run is logged under."
+    )
+    tracker_dir: str | None = Field(
+        None,
+        description="Folder of the trackers' local stores (TensorBoard events, W&B offline runs, the MLflow file "
+        "store, trackio's database); None: <run_dir>/trackers.",
+    )
     server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoint of the learner (metrics).")
+
+    @model_validator(mode="after")
+    def _check_trackers(self) -> LearnerConfig:
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"learner.trackers lists a tracker twice ({self.trackers}): name each one once")
+        return self
+
+    @model_validator(mode="after")
+    def _check_minibatches(self) -> LearnerConfig:
+        if self.minibatches > self.prompts_per_step:
+            raise ValueError(
+                f"learner.minibatches={self.minibatches} exceeds learner.prompts_per_step={self.prompts_per_step}: "
+                "every mini-batch needs at least one group; lower minibatches or raise prompts_per_step"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_gpus(self) -> LearnerConfig:
@@ -339,6 +436,8 @@ class RunConfig(_Section):
             raise ValueError(f"data.source={self.data.source} needs data.path: set it to the file to read")
         if self.data.source == "bfcl" and self.data.task_kind != "function_call":
             raise ValueError("data.source=bfcl needs data.task_kind=function_call")
+        if self.data.source == "bfcl":
+            bfcl.check_categories(self.data.dataset)
         if self.data.source == "reasoning_gym" and self.data.task_kind not in ("math", "exact"):
             raise ValueError(
                 "data.source=reasoning_gym needs data.task_kind=math (numeric and symbolic answers) or exact "

@@ -24,6 +24,9 @@ LOGS_DIR = "logs"
 PORTS_DIR = "ports"
 REPORT_DIR = "report"
 REDIS_DIR = "redis"
+FINGERPRINT_FILE = "fingerprint"
+"""In every checkpoint folder: the fingerprint of the weights it holds (written by the learner before it
+publishes the folder; a rollout server that loads the folder labels its weights with it)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,12 @@ ROLLOUT_VERSIONS = "rollout_versions"
 """Hash: rollout server consumer name -> the policy version it generates with."""
 FEEDER = "feeder"
 """Hash: the feeder's release count and the token of its last release."""
+WEIGHTS = "weights"
+"""Hash: policy version -> the fingerprint of the weights the learner published as that version."""
+CANARIES = "canaries"
+"""Hash: canary scorings, ``ref:{v}`` by the learner and ``{server}:{v}`` by each rollout server (services/canary)."""
+QUARANTINE = "quarantine"
+"""Hash: rollout server consumer name -> the version whose canary failed; the server reloads a checkpoint."""
 
 ROLLOUT_GROUP = "rollout"
 REWARD_GROUP = "reward"
@@ -199,6 +208,8 @@ class MetricKey:
     DROPPED_STALE = "dropped_stale"
     DROPPED_NO_SIGNAL = "dropped_no_signal"
     DROPPED_DUPLICATE = "dropped_duplicate"
+    DROPPED_PROVENANCE = "dropped_provenance"
+    """Groups dead-lettered because their weights were not the learner's (fingerprint or canary), cumulative."""
     # the optimizer step
     LOSS = "loss"
     GRAD_NORM = "grad_norm"
@@ -220,7 +231,14 @@ class MetricKey:
     WAIT_SECONDS = "wait_seconds"
     GATHER_SECONDS = "gather_seconds"
     SYNC_SECONDS = "sync_seconds"
+    """Duration of the previous version's publication (broadcast + record), which overlapped this step's wait."""
+    SYNC_WAIT_SECONDS = "sync_wait_seconds"
+    """How long this step blocked on that publication after its batch was ready (the sync's cost to the learner)."""
     CHECKPOINT_SECONDS = "checkpoint_seconds"
+    # the optimizer updates of a step (learner.minibatches x learner.epochs)
+    UPDATES = "updates"
+    SKIPPED_NONFINITE_LOSS = "skipped_nonfinite_loss"
+    SKIPPED_NONFINITE_GRAD = "skipped_nonfinite_grad"
 
     @staticmethod
     def kind(group_kind: str) -> str:

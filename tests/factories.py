@@ -27,7 +27,7 @@ def response(text: str, nll: float = 0.5, length: int = 8, version: int = 0, see
     noise = rng.normal(0.0, 0.05, size=length)
     logprobs = (-nll + noise - noise.mean()).astype(np.float32)
     ids = rng.integers(0, 49_000, size=length).astype(np.uint32)
-    return Response(ids, logprobs, text, "stop", version, version)
+    return Response.of_version(ids, logprobs, text, "stop", version, f"v{version}:test")
 
 
 def math_group(

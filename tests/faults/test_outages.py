@@ -112,7 +112,7 @@ def pipeline_config(run: str, url: str, model: Path) -> RunConfig:
         model={"name_or_path": str(model)},
         sampling={"n": 2, "max_new_tokens": 8, "seed": 0},
         learner={"prompts_per_step": 2, "max_staleness": 1},
-        rollout={"prompts_per_batch": 2},
+        rollout={"max_inflight_groups": 2},
         reward={"verifier_workers": 1, "verify_timeout_s": VERIFY_TIMEOUT_S},
     )
 

@@ -250,7 +250,7 @@ def test_cli_config_held_out_set_is_deterministic(chain_sum_result: dict[str, An
         "data: {source: reasoning_gym, dataset: chain_sum, size: 4, seed: 0, few_shot: 1,\n"
         "       dataset_args: {min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}}\n"
         "sampling: {n: 2, max_new_tokens: 16, seed: 7}\n"
-        "rollout: {torch_threads: 1, prompts_per_batch: 4}\n"
+        "rollout: {torch_threads: 1, max_inflight_groups: 4}\n"
     )
     out = tmp_path / "result.json"
     done = run_cli("--config", str(config), "--no-progress", "--out", str(out))
