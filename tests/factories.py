@@ -21,13 +21,16 @@ def math_task(prompt_id: str, gold: str = "7", n: int = 4, max_new_tokens: int =
     )
 
 
-def response(text: str, nll: float = 0.5, length: int = 8, version: int = 0, seed: int = 0) -> Response:
-    """A response whose mean token NLL is ``nll`` (so its perplexity is exp(nll))."""
+def response(
+    text: str, nll: float = 0.5, length: int = 8, version: int = 0, seed: int = 0, weights: str | None = None
+) -> Response:
+    """A response whose mean token NLL is ``nll`` (so its perplexity is exp(nll)), sampled with the weights of
+    fingerprint ``weights`` (default: a made-up ``v{version}:test``)."""
     rng = np.random.default_rng(seed)
     noise = rng.normal(0.0, 0.05, size=length)
     logprobs = (-nll + noise - noise.mean()).astype(np.float32)
     ids = rng.integers(0, 49_000, size=length).astype(np.uint32)
-    return Response.of_version(ids, logprobs, text, "stop", version, f"v{version}:test")
+    return Response.of_version(ids, logprobs, text, "stop", version, weights or f"v{version}:test")
 
 
 def math_group(

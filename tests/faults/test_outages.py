@@ -49,6 +49,7 @@ from learner.feeder import PromptFeeder
 from learner.weight_sync import BroadcastReport, WeightBroadcaster, redis_hash_publisher
 from reward_service.verify import Verifiers
 from reward_service.worker import RewardWorker
+from rollout_server.backends.base import WeightsTag
 from rollout_server.backends.hf import HFBackend
 from rollout_server.metrics import RolloutMetrics
 from rollout_server.sync import PolicyWeights, WeightSync
@@ -336,9 +337,9 @@ async def test_rollout_server_frozen_inside_a_broadcast_is_dropped_and_catches_u
     # its weights are the learner's v4, bit for bit as far as greedy decoding can tell, and not v3's
     local = HFBackend(model_dir, num_threads=1)
     try:
-        local.load_state_dict(weights[4].items())
+        local.swap(weights[4].items(), WeightsTag(4), [1, 2]).result(120)
         tokens, logprobs = greedy(local)
-        local.load_state_dict(weights[3].items())
+        local.swap(weights[3].items(), WeightsTag(3), [1, 2]).result(120)
         _, logprobs_v3 = greedy(local)
     finally:
         local.close()

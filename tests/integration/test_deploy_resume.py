@@ -44,7 +44,8 @@ from factories import response
 from model_factories import save_tiny_llama
 
 from runner.redis_server import LocalRedis, free_port
-from services.contracts import POLICY, PROMPTS, ROLLOUT_GROUP, SCORED, PolicyField
+from services.canary import reference_field, server_field
+from services.contracts import CANARIES, POLICY, PROMPTS, ROLLOUT_GROUP, SCORED, WEIGHTS, PolicyField
 from services.protocol import PromptTask, RolloutGroup, ScoredGroup
 from services.streams import DATA_FIELD, run_key
 
@@ -118,10 +119,11 @@ def _write_config(source: Path, target: Path, model: Path, steps: int) -> str:
     return str(cfg["name"])
 
 
-def _scored(task: PromptTask, version: int) -> ScoredGroup:
-    """What the reward service would write for `task`: one right and one wrong response, by policy `version`."""
+def _scored(task: PromptTask, version: int, weights: str) -> ScoredGroup:
+    """What the reward service would write for `task`: one right and one wrong response, by policy `version`
+    (whose weights have fingerprint `weights`)."""
     answers = [task.ground_truth, "-1"] * task.n
-    responses = [response(f"\\boxed{{{a}}}", 0.5, length=4, version=version, seed=i) for i, a in
+    responses = [response(f"\\boxed{{{a}}}", 0.5, length=4, version=version, seed=i, weights=weights) for i, a in
                  enumerate(answers[: task.n])]  # fmt: skip
     correct = np.array([i % 2 == 0 for i in range(task.n)], dtype=np.uint8)
     rollout = RolloutGroup(task, np.arange(1, 6, dtype=np.uint32), responses, "test", time.time(), 0.1)
@@ -152,10 +154,25 @@ class _Services(threading.Thread):
                 for entry_id, fields in entries:
                     task = PromptTask.from_bytes(fields[DATA_FIELD.encode()])
                     version = int(self.client.hget(run_key(self.run_name, POLICY), PolicyField.VERSION) or 0)
-                    group = _scored(task, version)
+                    group = _scored(task, version, self._weights_of(version))
                     self.client.xadd(run_key(self.run_name, SCORED), {DATA_FIELD: group.to_bytes()})
                     self.client.xack(prompts, ROLLOUT_GROUP, entry_id)
                     self.answered += 1
+
+    def _weights_of(self, version: int) -> str:
+        """What a rollout server does on loading `version` (docs/WEIGHT_SYNC.md, "Provenance"): its fingerprint is
+        the one the learner published, and it publishes its canary scoring, here the learner's own."""
+        weights, canaries = run_key(self.run_name, WEIGHTS), run_key(self.run_name, CANARIES)
+        deadline = time.monotonic() + 60
+        while True:
+            fingerprint = self.client.hget(weights, str(version))
+            reference = self.client.hget(canaries, reference_field(version))
+            if fingerprint is not None and reference is not None:
+                self.client.hset(canaries, server_field("test", version), reference)
+                return fingerprint.decode()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the learner published no weights record of v{version}")
+            time.sleep(0.05)
 
 
 def _start(argv: list[str], env: dict[str, str], log: Path, services: _Services) -> int:
