@@ -25,6 +25,7 @@ from services.protocol import Sampling
 
 ENV_PREFIX = "DIPO_"
 MathFallback = Literal["answer_line", "hashes"]
+MathAnswerForm = Literal["auto", "number", "any"]
 ENV_DELIMITER = "__"
 TrackerName = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 """Experiment trackers the learner can log to (learner/trackers.py; each one is an optional extra of the package)."""
@@ -269,6 +270,12 @@ class RewardConfig(_Section):
     math_fallbacks: list[MathFallback] = Field(
         default_factory=lambda: list[MathFallback](["answer_line", "hashes"]),
         description="Answer extraction fallbacks when no \\boxed{} is found.",
+    )
+    math_answer_form: MathAnswerForm = Field(
+        "auto",
+        description="What a math answer must look like besides being equal: auto = a number literal when the gold "
+        "answer is one (so `\\boxed{3 + 5}` does not score on 'What is 3 + 5?'), any expression otherwise; "
+        "number = always a number literal; any = no rule.",
     )
     function_call_partial_credit: bool = Field(
         False, description="ToolRL-style partial credit as the reward for function calls (correctness stays exact)."

@@ -33,12 +33,21 @@ from services.config import RewardConfig
 logger = logging.getLogger(__name__)
 
 KNOWN_FALLBACKS = ("answer_line", "hashes")
+ANSWER_FORMS = ("auto", "number", "any")
 _BOX_MARKERS = ("\\boxed", "\\fbox")
 # One token per escaped character or brace: linear, no backtracking, and `\{` / `\}` never count as braces.
 _BRACE_EVENTS = re.compile(r"\\.|[{}]", re.DOTALL)
 _OPENERS = frozenset("{([")
 _CLOSERS = frozenset("})]")
 _POLL_S = 0.5
+# A number literal: an optional sign, then an integer (digits, or thousands groups with `,` or LaTeX `{,}`), a
+# decimal, a fraction `a/b` or `\frac{a}{b}`; around it optionally `x=` and `\$` before, `%`/`\%` and a unit in
+# `\text{}`/`\mbox{}`/`\mathrm{}` after. Spaces and LaTeX spacing are removed first.
+_UNSIGNED = r"(?:\d{1,3}(?:(?:,|\{,\})\d{3})+|\d+)(?:\.\d+)?|\.\d+"
+_FRACTION = r"\d+/\d+|\\[dt]?frac\{\d+\}\{\d+\}|\\[dt]?frac\d\d"
+_NUMBER_LITERAL = re.compile(
+    rf"(?:[a-zA-Z]=)?[+-]?(?:\\\$)?(?:{_UNSIGNED}|{_FRACTION})(?:\\?%)?(?:\\(?:text|mbox|mathrm)\{{[a-zA-Z.]*\}})?"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +72,10 @@ class MathVerifyOptions:
     """math-verify ``float_rounding``: decimal places floats are rounded to before comparison."""
     numeric_precision: int = 15
     """math-verify ``numeric_precision``: significant digits of numeric evaluation."""
+    answer_form: str = "auto"
+    """``auto``: a boxed answer to a question whose gold is a number literal must be a number literal too (an
+    expression that evaluates to it, such as the question copied into the box, is ``wrong``); ``number``: every boxed
+    answer must be one; ``any``: no rule. Fallback answers (prose lines) are not checked."""
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.fallbacks if name not in KNOWN_FALLBACKS]
@@ -71,6 +84,8 @@ class MathVerifyOptions:
         for name in ("max_response_chars", "max_answer_chars", "max_gold_chars", "max_bracket_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.answer_form not in ANSWER_FORMS:
+            raise ValueError(f"unknown math answer_form {self.answer_form!r}: use one of {ANSWER_FORMS}")
         if self.timeout_s <= 0 or self.kill_grace_s <= 0:
             raise ValueError("timeout_s and kill_grace_s must be > 0 seconds")
 
@@ -205,6 +220,22 @@ def shape_problem(text: str, what: str, max_chars: int, max_depth: int) -> str |
     return None
 
 
+def is_number_literal(text: str) -> bool:
+    """True for a plain number as a final answer (``42``, ``-3.5``, ``1,234``, ``3/4``, ``\\frac{3}{4}``, ``25\\%``)."""
+    return _NUMBER_LITERAL.fullmatch(re.sub(r"\s+|\\[,;!]", "", text)) is not None
+
+
+def answer_form_problem(answer: str, gold: str, form: str) -> str | None:
+    """Why ``answer`` has the wrong form for ``gold`` under rule ``form`` (see MathVerifyOptions), or None."""
+    if form == "any" or is_number_literal(answer):
+        return None
+    if form == "number":
+        return "answer is not a number literal (answer_form=number)"
+    if is_number_literal(gold):
+        return "answer is not a number literal, and the gold answer is one (answer_form=auto)"
+    return None
+
+
 def _gold_answer(gold: str) -> str:
     """A gold written as ``\\boxed{x}`` or ``$x$`` is reduced to ``x``; a bare answer is kept as is."""
     body, _ = _last_box(gold)
@@ -227,6 +258,8 @@ class _Job:
     gold: str
     timeout_s: float
     future: Future[VerifyResult]
+    form_problem: str | None = None
+    """Why the answer has the wrong form (answer_form): an equal answer of the wrong form is ``wrong``."""
 
 
 def _fail(job: _Job, detail: str) -> None:
@@ -300,6 +333,8 @@ class _Slot:
             self._conn.send_bytes(encode_message("verify", job.answer, job.source, job.gold, job.timeout_s))
             if self._conn.poll(deadline):
                 status, detail = decode_message(self._conn.recv_bytes())
+                if Status(str(status)) is Status.CORRECT and job.form_problem is not None:
+                    return _result(Status.WRONG, job.answer, job.form_problem)
                 return _result(Status(str(status)), job.answer, str(detail))
         except (EOFError, OSError, ValueError) as exc:  # a dead worker, or a reply that is not (status, detail)
             exit_code = self._kill_worker()
@@ -355,7 +390,9 @@ class MathVerifier(Verifier):
     @classmethod
     def from_config(cls, cfg: RewardConfig) -> MathVerifier:
         """The pool of one reward replica: its fallbacks, time bound and number of workers."""
-        options = MathVerifyOptions(fallbacks=tuple(cfg.math_fallbacks), timeout_s=cfg.verify_timeout_s)
+        options = MathVerifyOptions(
+            fallbacks=tuple(cfg.math_fallbacks), timeout_s=cfg.verify_timeout_s, answer_form=cfg.math_answer_form
+        )
         return cls(options, num_workers=cfg.verifier_workers)
 
     @classmethod
@@ -450,7 +487,10 @@ class MathVerifier(Verifier):
         budget_s = opts.timeout_s if timeout_s is None else timeout_s
         if budget_s <= 0:
             raise ValueError(f"timeout_s must be > 0 seconds, got {budget_s}")
-        job = _Job(answer, extraction.source, gold_text, budget_s, Future())
+        # Fallback lines are prose ("Answer: the total is 12"), read by math-verify's own extraction; the rule is
+        # about what a model puts in its box.
+        form = answer_form_problem(answer, gold_text, opts.answer_form) if extraction.source == "boxed" else None
+        job = _Job(answer, extraction.source, gold_text, budget_s, Future(), form)
         with self._lock:
             if self._closed:
                 self._capacity.release()

@@ -169,6 +169,38 @@ def test_statuses(verifier: MathVerifier, response: str, gold: str, status: Stat
     assert result.score == (1.0 if status is Status.CORRECT else 0.0)
 
 
+@pytest.mark.parametrize("response", ["\\boxed{3 + 5}", "\\boxed{9 - 1}", "\\boxed{3+5+0}", "\\boxed{2^{3}}"])
+def test_the_question_copied_into_the_box_is_wrong(verifier: MathVerifier, response: str) -> None:
+    """Reward hacking on "What is 3 + 5?": an expression equal to the gold number does not score (answer_form)."""
+    result = verifier.verify(response, "8")
+    assert result.status is Status.WRONG, result
+    assert "number literal" in result.detail
+    with MathVerifier(MathVerifyOptions(answer_form="any"), num_workers=1) as lenient:
+        assert lenient.verify(response, "8").status is Status.CORRECT  # math-verify alone calls them equal
+
+
+@pytest.mark.parametrize(
+    ("response", "gold", "form", "status"),
+    [
+        ("\\boxed{8}", "8", "auto", Status.CORRECT),
+        ("\\boxed{\\$1{,}234}", "1234", "auto", Status.CORRECT),
+        ("\\boxed{18 \\text{ dollars}}", "18", "auto", Status.CORRECT),
+        ("\\boxed{(x+1)^2 - 2x}", "x^2+1", "auto", Status.CORRECT),  # a symbolic gold takes any expression
+        ("\\boxed{\\sqrt{12}}", "2\\sqrt{3}", "auto", Status.CORRECT),
+        ("\\boxed{\\sqrt{12}}", "2\\sqrt{3}", "number", Status.WRONG),
+        ("\\boxed{\\frac{3}{4}}", "0.75", "number", Status.CORRECT),
+    ],
+)
+def test_answer_form_rules(response: str, gold: str, form: str, status: Status) -> None:
+    with MathVerifier(MathVerifyOptions(answer_form=form), num_workers=1) as pool:
+        assert pool.verify(response, gold).status is status
+
+
+def test_unknown_answer_form_is_rejected() -> None:
+    with pytest.raises(ValueError, match="answer_form"):
+        MathVerifyOptions(answer_form="numeric")
+
+
 def test_fallbacks_off_give_no_answer(verifier: MathVerifier) -> None:
     assert verifier.verify("Answer: 12", "12").status is Status.CORRECT
     # A missing answer is decided in the parent, so this pool never needs its (still starting) worker.
@@ -277,7 +309,7 @@ def test_submission_from_many_threads(verifier: MathVerifier) -> None:
 
 async def test_averify(verifier: MathVerifier) -> None:
     correct, wrong = await asyncio.gather(
-        verifier.averify("\\boxed{\\sqrt{4}}", "2"), verifier.averify("\\boxed{\\sqrt{5}}", "2")
+        verifier.averify("\\boxed{2.0}", "\\sqrt{4}"), verifier.averify("\\boxed{\\sqrt{5}}", "2")
     )
     assert (correct.status, wrong.status) == (Status.CORRECT, Status.WRONG)
 
