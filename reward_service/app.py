@@ -26,7 +26,7 @@ from reward_service.verify import Verifiers
 from reward_service.worker import RewardWorker
 from services.api_models import HealthResponse, ScoreRequest, ScoreResponse
 from services.config import RunConfig
-from services.http import bearer_auth, json_body_schema, read_body, unprocessable
+from services.http import bearer_auth, exit_on_failure, json_body_schema, read_body, unprocessable
 from services.metrics import metrics_asgi_app
 from services.protocol import PromptTask, ProtocolError, Response, RolloutGroup, Sampling, ScoredGroup
 from services.streams import async_client_from_config
@@ -189,12 +189,16 @@ def create_app(cfg: RunConfig, *, run_worker: bool = True) -> FastAPI:
             await asyncio.to_thread(verifiers.wait_ready, 120.0)
             if run_worker:
                 app.state.worker_task = asyncio.create_task(worker.run(stop), name="reward-worker")
+                exit_on_failure(app, app.state.worker_task, "the reward stream worker")
             yield
         finally:
             stop.set()
             if app.state.worker_task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait_for(app.state.worker_task, cfg.streams.block_ms / 1000 + 30)
+                    try:
+                        await asyncio.wait_for(app.state.worker_task, cfg.streams.block_ms / 1000 + 30)
+                    except Exception:  # it failed while running: logged by exit_on_failure, reported by /health
+                        log.debug("the reward stream worker had failed", exc_info=True)
             verifiers.close()
             await redis.aclose()
 

@@ -41,7 +41,7 @@ from rollout_server.sync import WeightSync
 from rollout_server.worker import RolloutWorker
 from services.config import RunConfig
 from services.contracts import consumer_name
-from services.http import bearer_auth, json_body, read_model, unprocessable
+from services.http import bearer_auth, exit_on_failure, json_body, read_model, unprocessable
 from services.metrics import metrics_asgi_app
 from services.streams import clients_from_config
 
@@ -207,7 +207,7 @@ async def _stop_worker(task: asyncio.Task[None], grace_s: float) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _stream_worker(server: ServerState, run_worker: bool, grace_s: float) -> AsyncIterator[None]:
+async def _stream_worker(app: FastAPI, server: ServerState, run_worker: bool, grace_s: float) -> AsyncIterator[None]:
     """Follow the learner's weights and consume ``prompts`` while the app runs (when Redis is configured)."""
     cfg = server.cfg
     if not run_worker or cfg.redis.url is None:
@@ -222,6 +222,7 @@ async def _stream_worker(server: ServerState, run_worker: bool, grace_s: float) 
         sync.start()
         server.worker = RolloutWorker(cfg, server.backend, aredis, server.metrics, consumer, weights=server.weights)
         server.worker_task = asyncio.create_task(server.worker.run(stop), name="rollout-worker")
+        exit_on_failure(app, server.worker_task, "the rollout stream worker")
         yield
     finally:
         stop.set()
@@ -253,7 +254,7 @@ def create_app(
         metrics.policy_version.set(weights.version)
         server = app.state.server = ServerState(cfg, be, weights, metrics)
         try:
-            async with _stream_worker(server, run_worker, grace_s):
+            async with _stream_worker(app, server, run_worker, grace_s):
                 yield
         finally:
             if backend is None:

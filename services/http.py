@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import socket
@@ -110,8 +111,35 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def exit_on_failure(app: Any, task: asyncio.Task[Any], what: str) -> None:
+    """Make a background worker's death the process's: under :func:`serve`, a ``task`` that ends with an error
+    logs it, shuts the server down and makes the process exit 1, so the supervisor or Kubernetes restarts it (its
+    unacknowledged entries are reclaimed). A process that stayed up with a dead worker would only say 503 forever.
+
+    Apps run in-process (tests, ``TestClient``) are not served by :func:`serve`: there the task's error is left to
+    ``/health`` and to whoever awaits the task.
+    """
+
+    def on_done(done: asyncio.Task[Any]) -> None:
+        server = getattr(app.state, "uvicorn_server", None)
+        if done.cancelled() or done.exception() is None or server is None:
+            return
+        error = done.exception()
+        logging.getLogger(__name__).critical(
+            "%s stopped: %s: %s; exiting so that the process is restarted", what, type(error).__name__, error,
+            exc_info=error,
+        )  # fmt: skip
+        app.state.worker_failure = f"{what} stopped: {type(error).__name__}: {error}"
+        server.should_exit = True  # what uvicorn's SIGTERM handler does: a graceful shutdown, then serve() exits 1
+
+    task.add_done_callback(on_done)
+
+
 def serve(app: Any, host: str, port: int, *, port_file: Path | None = None, log_level: str = "info") -> None:
-    """Serve an ASGI app with uvicorn on host:port until SIGINT/SIGTERM; writes the bound port to ``port_file``."""
+    """Serve an ASGI app with uvicorn on host:port until SIGINT/SIGTERM; writes the bound port to ``port_file``.
+
+    Exits 1 (SystemExit) when a worker registered with :func:`exit_on_failure` died with an error.
+    """
     import uvicorn
 
     sock = bind_socket(host, port)
@@ -124,4 +152,10 @@ def serve(app: Any, host: str, port: int, *, port_file: Path | None = None, log_
     logging.getLogger(__name__).info("serving on http://%s:%d", host, bound)
     config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False, timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)
+    state = getattr(app, "state", None)
+    if state is not None:
+        state.uvicorn_server = server
     server.run(sockets=[sock])
+    failure = getattr(state, "worker_failure", None)
+    if failure is not None:
+        raise SystemExit(f"exiting with status 1: {failure}")

@@ -38,6 +38,32 @@ DATA_FIELD = "d"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 # BusyLoadingError (the server is replaying its AOF) is a ConnectionError subclass
 _TRANSIENT = (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, ConnectionError)
+_TRANSIENT_REPLIES = ("READONLY", "OOM", "TRYAGAIN", "MASTERDOWN", "LOADING", "CLUSTERDOWN")
+"""Error replies of a Redis that is there but cannot serve now (a replica during failover, maxmemory reached, a
+master not yet elected): retried like an outage. Any other error reply is a bug or a misconfiguration."""
+
+
+class RedisUnavailable(ConnectionError):
+    """A transient error reply (``_TRANSIENT_REPLIES``) that outlasted the retries: an outage, for every caller."""
+
+
+# redis-py turns some of those replies into their own classes (and drops the prefix from the message).
+_TRANSIENT_REPLY_TYPES = (
+    rexc.OutOfMemoryError,
+    rexc.ReadOnlyError,
+    rexc.TryAgainError,
+    rexc.MasterDownError,
+    rexc.ClusterDownError,
+)
+
+
+def is_transient_reply(exc: BaseException) -> bool:
+    """True for an error reply that says "not now" rather than "never" (READONLY, OOM, TRYAGAIN, ...)."""
+    if isinstance(exc, _TRANSIENT_REPLY_TYPES):
+        return True
+    return isinstance(exc, rexc.ResponseError) and str(exc).split(" ", 1)[0] in _TRANSIENT_REPLIES
+
+
 _MAX_ERROR_CHARS = 4000
 
 
@@ -307,9 +333,10 @@ class StreamClient:
         try:
             resp = await self._call("XREADGROUP", op, extra_s=block_ms / 1000)
         except rexc.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                 raise
-            # the stream key vanished (e.g. a Redis without persistence restarted): recreate and carry on
+            # the stream key vanished (a Redis without persistence restarted: NOGROUP; the key was deleted while
+            # this read blocked on it: UNBLOCKED): recreate and carry on
             self.stats.group_recreated += 1
             log.warning("consumer group %s on %s is gone; recreating it", group, self.key)
             await self.ensure_group()
@@ -502,14 +529,20 @@ async def call_with_retries(
 ) -> T:
     """Run one Redis operation with a timeout and bounded, jittered exponential-backoff retries.
 
-    Retried: connection errors, timeouts, and a server still loading its AOF, so a Redis restart is survived.
+    Retried: connection errors, timeouts, a server still loading its AOF (so a Redis restart is survived) and the
+    transient error replies (READONLY, OOM, TRYAGAIN, MASTERDOWN, ...), which raise :class:`RedisUnavailable` once
+    the retries are spent, so every caller treats them as the outage they are.
     """
     attempt = 0
     while True:
         try:
             return await asyncio.wait_for(fn(), timeout_s)
-        except _TRANSIENT as exc:
+        except (*_TRANSIENT, rexc.ResponseError) as exc:
+            if isinstance(exc, rexc.ResponseError) and not is_transient_reply(exc):
+                raise
             if attempt >= retries:
+                if isinstance(exc, rexc.ResponseError):
+                    raise RedisUnavailable(f"{op}: {type(exc).__name__}: {exc}") from exc
                 raise
             delay = min(backoff_cap_s, backoff_base_s * 2**attempt) * random.uniform(0.5, 1.0)
             attempt += 1
@@ -520,7 +553,8 @@ async def call_with_retries(
 
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = _TRANSIENT
-"""What :func:`call_with_retries` retries, and raises once its retries are spent: Redis unreachable or too slow."""
+"""What :func:`call_with_retries` raises once its retries are spent (Redis unreachable, too slow, or answering
+"not now": :class:`RedisUnavailable` is a ConnectionError); long-lived loops catch these and wait."""
 
 
 def connect_sync(
