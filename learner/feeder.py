@@ -34,7 +34,7 @@ from services.config import RunConfig
 from services.contracts import DEADLETTER, FEEDER, PROMPTS, ROLLOUTS, SCORED
 from services.ledger import dead_letter_prompt_id
 from services.protocol import PromptTask
-from services.stream_upkeep import OutageBackoff, trim_acknowledged
+from services.stream_upkeep import OutageBackoff, trim_acknowledged, trim_dead_letters
 from services.streams import TRANSIENT_ERRORS, StreamSpec, call_with_retries, run_key
 
 log = logging.getLogger(__name__)
@@ -289,6 +289,10 @@ class PromptFeeder:
         for name in (PROMPTS, ROLLOUTS, SCORED):
             trim = functools.partial(trim_acknowledged, self.redis, run_key(self.cfg.name, name), retain)
             removed += await self._call(f"trim {name}", trim)
+        streams = self.cfg.streams
+        letters = functools.partial(trim_dead_letters, self.redis, run_key(self.cfg.name, DEADLETTER),
+                                    streams.deadletter_max_entries, streams.deadletter_retain_s)  # fmt: skip
+        removed += await self._call("trim deadletter", letters)
         if removed:
             log.debug("trimmed %d acknowledged stream entries", removed)
         return removed

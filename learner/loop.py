@@ -385,6 +385,7 @@ class Learner:
         run.metrics.on_step(line, batch)
         run.metrics.on_quarantines(run.provenance.quarantined)
         await run.metrics.observe_streams(run.aredis, self.cfg.name)
+        await run.metrics.observe_redis_memory(run.aredis)
         run.metrics_file.write(json.dumps(line) + "\n")
         run.metrics_file.flush()
         run.trackers.log_step(line, self.step)

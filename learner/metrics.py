@@ -34,6 +34,8 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 """Seconds, for step, wait, broadcast and checkpoint times: measured steps, waits and syncs run 5-54 s on the 2-core
 CPU machine and well under a second on GPUs, and a checkpoint of a large model takes minutes; so the buckets span
 50 ms to 30 min, about two per decade below 1 s and finer where the CPU runs live."""
+MEMORY_WARN_RATIO = 0.8
+"""Share of Redis's maxmemory above which the learner warns (the alert DipoRedisMemoryNearLimit uses the same)."""
 QUADRANTS = ("CL", "CH", "EL", "EH")
 """Correctness (C correct, E error) x perplexity (L below tau*, H above): metrics.jsonl's quad_<name> shares."""
 
@@ -79,6 +81,11 @@ class LearnerMetrics:
         self.checkpoint_seconds = m.histogram("checkpoint_seconds", "Time to write one checkpoint.", buckets=buckets)
         self.stream_length = m.gauge("stream_length", "Entries in a stream of the run.", ["stream"])
         self.stream_pending = m.gauge("stream_pending", "Pending entries of the stream's consumer group.", ["stream"])
+        self.redis_memory = m.gauge(
+            "redis_memory_bytes", "Redis memory: used, and its maxmemory (0: no limit), sampled after each step.",
+            ["kind"],
+        )  # fmt: skip
+        self._memory_warned = False
         self._last_dropped: dict[str, int] = {}
         self._released_seen = 0
         self._quarantined_seen = 0
@@ -139,6 +146,23 @@ class LearnerMetrics:
                 self.stream_pending.labels(name).set(pending)
             except (RedisError, OSError) as exc:  # a missing stream or a Redis hiccup must not stop training
                 log.debug("stream metrics for %s unavailable: %s", key, exc)
+
+    async def observe_redis_memory(self, redis: aioredis.Redis) -> None:
+        """Record Redis's memory use and limit; warn (once per crossing) above MEMORY_WARN_RATIO of the limit."""
+        try:
+            info = await redis.info("memory")
+        except (RedisError, OSError) as exc:  # a metric, not control
+            log.debug("Redis memory metrics unavailable: %s", exc)
+            return
+        used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+        self.redis_memory.labels("used").set(used)
+        self.redis_memory.labels("max").set(limit)
+        near = limit > 0 and used > MEMORY_WARN_RATIO * limit
+        if near and not self._memory_warned:
+            log.warning("Redis uses %.0f %% of its maxmemory (%d of %d MiB): at the limit it refuses writes and the "
+                        "pipeline stalls; lower streams.retain_acked_s or raise redis.maxmemory_mb",
+                        100 * used / limit, used >> 20, limit >> 20)  # fmt: skip
+        self._memory_warned = near
 
     def on_quarantines(self, total: int) -> None:
         """Record the running count of servers the learner quarantined."""

@@ -189,7 +189,8 @@ def _start_redis(cfg: RunConfig, run_dir: Path) -> LocalRedis | None:
     if cfg.redis.url is not None:
         return None
     try:
-        server = LocalRedis(RunFolder(run_dir).redis, appendfsync=cfg.redis.appendfsync, password=cfg.redis.password)
+        server = LocalRedis(RunFolder(run_dir).redis, appendfsync=cfg.redis.appendfsync, password=cfg.redis.password,
+                            maxmemory_mb=cfg.redis.maxmemory_mb)  # fmt: skip
     except FileNotFoundError as exc:
         raise LaunchError(f"{exc}, or set redis.url to a running server") from exc
     try:

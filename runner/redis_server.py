@@ -49,6 +49,7 @@ class LocalRedis:
         port: int | None = None,
         password: str | None = None,
         appendfsync: AppendFsync = "everysec",
+        maxmemory_mb: int = 0,
         start_timeout_s: float = 10.0,
         stop_grace_s: float = 5.0,
         executable: str | None = None,
@@ -73,6 +74,9 @@ class LocalRedis:
         self._may_repick_port = port is None
         self.password = password
         self.appendfsync = appendfsync
+        if maxmemory_mb < 0:
+            raise ValueError(f"maxmemory_mb must be >= 0 (0: no limit), got {maxmemory_mb}")
+        self.maxmemory_mb = maxmemory_mb
         self.start_timeout_s = start_timeout_s
         self.stop_grace_s = stop_grace_s
         self._proc: subprocess.Popen[bytes] | None = None
@@ -114,6 +118,10 @@ class LocalRedis:
         ]  # fmt: skip
         if self.password:
             cmd += ["--requirepass", self.password]
+        if self.maxmemory_mb:
+            # noeviction: streams must never lose entries to eviction; at the limit writes are refused (OOM), which
+            # every client retries as an outage while the learner's trims free memory.
+            cmd += ["--maxmemory", f"{self.maxmemory_mb}mb", "--maxmemory-policy", "noeviction"]
         return cmd
 
     def start(self) -> LocalRedis:

@@ -64,6 +64,12 @@ class RedisConfig(_Section):
     appendfsync: Literal["always", "everysec", "no"] = Field(
         "everysec", description="AOF fsync policy of the local redis-server that `dipo run` starts."
     )
+    maxmemory_mb: int = Field(
+        8192,
+        ge=0,
+        description="maxmemory of the local redis-server that `dipo run` starts (noeviction; 0: none). "
+        "The learner exports Redis's use and limit and warns above 80 %.",
+    )
 
 
 class StreamsConfig(_Section):
@@ -87,6 +93,12 @@ class StreamsConfig(_Section):
         "every trim_interval_s); undelivered and pending ones never are. Keeps Redis memory bounded.",
     )
     trim_interval_s: float = Field(10.0, gt=0, description="How often the learner trims acknowledged entries, s.")
+    deadletter_max_entries: int = Field(
+        10_000, ge=1, description="The dead-letter stream keeps about this many newest letters (trimmed with the rest)."
+    )
+    deadletter_retain_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="Dead letters older than this are deleted (trimmed with the rest), s."
+    )
 
 
 class ModelConfig(_Section):

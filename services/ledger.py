@@ -307,6 +307,8 @@ def dead_letter_prompt_id(raw: Mapping[bytes, bytes]) -> str | None:
         letter = DeadLetter.from_bytes(data)
     except ProtocolError:
         return None
+    if letter.prompt_id:  # recorded when the entry was dead-lettered, before its payload was clipped
+        return letter.prompt_id
     payload = letter.fields.get(DATA_FIELD)
     return None if payload is None else entry_prompt_id(letter.source_stream, {DATA_FIELD.encode(): payload})
 

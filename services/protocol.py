@@ -291,6 +291,10 @@ def _upgrade_v1(tag: object, m: dict[Any, Any]) -> None:
     """Rewrite a version-1 map in place as version 2: each response's ``version_first``/``version_last`` become
     one span from token 0 at ``version_first`` (v1 servers never changed weights inside a response; the oldest
     version is the conservative reading), with no fingerprint."""
+    if tag == "deadletter":  # v1 letters held whole entries and no prompt id
+        m.setdefault("prompt_id", "")
+        m.setdefault("clipped", {})
+        return
     responses: object = None
     if tag == "response":
         responses = [m]
@@ -588,12 +592,22 @@ class DeadLetter(_Message):
     error: str
     deliveries: int
     fields: dict[str, bytes]
+    """The entry's fields, each cut to the stream client's ``deadletter_keep_bytes`` (see ``clipped``)."""
     at: float
+    prompt_id: str = ""
+    """The prompt the entry carried, read before clipping ("" when the payload was not decodable)."""
+    clipped: dict[str, str] = field(default_factory=dict)
+    """Field name -> ``"<size> bytes sha256:<hex>"`` of the whole value, for every field stored as a prefix."""
 
     def validate(self) -> None:
         """Raise ProtocolError if a field breaks the schema."""
-        for name in ("source_stream", "entry_id", "group", "consumer", "error"):
+        for name in ("source_stream", "entry_id", "group", "consumer", "error", "prompt_id"):
             _check_str(getattr(self, name), f"deadletter.{name}")
+        if not isinstance(self.clipped, dict):
+            _fail("deadletter.clipped", f"expected a map, got {type(self.clipped).__name__}")
+        for name, digest in self.clipped.items():
+            _check_str(name, "deadletter.clipped (key)")
+            _check_str(digest, f"deadletter.clipped.{name}")
         _check_int(self.deliveries, "deadletter.deliveries", lo=0)
         if not isinstance(self.fields, dict):
             _fail("deadletter.fields", f"expected a map, got {type(self.fields).__name__}")

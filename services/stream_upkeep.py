@@ -131,3 +131,15 @@ async def trim_acknowledged(redis: aioredis.Redis, key: str, retain_s: float) ->
         return 0
     removed: int = await redis.xtrim(key, minid=f"{point[0]}-{point[1]}", approximate=True)
     return removed
+
+
+async def trim_dead_letters(redis: aioredis.Redis, key: str, max_entries: int, retain_s: float) -> int:
+    """Keep the dead-letter stream bounded: about the newest ``max_entries`` letters, none older than ``retain_s``.
+
+    Nobody consumes dead letters (people read them, reports count them), so both bounds are plain, exact trims (the
+    stream is small; exactness keeps the bound a promise).
+    """
+    cutoff_ms = max(0, int((time.time() - retain_s) * 1000))
+    removed: int = await redis.xtrim(key, minid=f"{cutoff_ms}-0", approximate=False)
+    removed += await redis.xtrim(key, maxlen=max_entries, approximate=False)
+    return removed

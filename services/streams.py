@@ -9,6 +9,7 @@ Consumers must therefore be idempotent, keyed by the message's own identity (``p
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import re
@@ -65,6 +66,8 @@ def is_transient_reply(exc: BaseException) -> bool:
 
 
 _MAX_ERROR_CHARS = 4000
+DEADLETTER_KEEP_BYTES = 64 * 1024
+"""Bytes of each field a dead letter keeps; a longer value is stored as this prefix plus its size and sha256."""
 
 
 def run_key(run: str, name: str) -> str:
@@ -193,6 +196,18 @@ def connect(
     return aioredis.from_url(url, **kwargs)
 
 
+def clip_fields(fields: Mapping[str, bytes], keep_bytes: int) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Each field cut to ``keep_bytes``, and ``"<size> bytes sha256:<hex>"`` of every value that was cut."""
+    kept: dict[str, bytes] = {}
+    clipped: dict[str, str] = {}
+    for name, value in fields.items():
+        if len(value) > keep_bytes:
+            clipped[name] = f"{len(value)} bytes sha256:{hashlib.sha256(value).hexdigest()}"
+            value = value[:keep_bytes]
+        kept[name] = value
+    return kept, clipped
+
+
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
@@ -219,6 +234,7 @@ class StreamClient:
         backoff_base_s: float = 0.05,
         backoff_cap_s: float = 2.0,
         deadletter: StreamSpec | None = None,
+        deadletter_keep_bytes: int = DEADLETTER_KEEP_BYTES,
     ) -> None:
         if max_deliveries < 1 or retries < 0 or timeout_s <= 0:
             raise ValueError("need max_deliveries >= 1, retries >= 0 and timeout_s > 0")
@@ -233,6 +249,7 @@ class StreamClient:
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.deadletter = deadletter or spec.sibling(DEADLETTER)
+        self.deadletter_keep_bytes = deadletter_keep_bytes
         self.stats = StreamStats()
         self._claim_cursor = "0-0"
         # a BLOCK longer than the socket timeout would read as a dead connection
@@ -425,19 +442,13 @@ class StreamClient:
         """Move entries to the dead-letter stream with their error, and acknowledge them, in one transaction."""
         group, consumer = self._need_group()
         now = time.time()
-        letters = [
-            DeadLetter(
-                source_stream=self.key,
-                entry_id=entry.id,
-                group=group,
-                consumer=consumer,
-                error=error[:_MAX_ERROR_CHARS],
-                deliveries=entry.deliveries,
-                fields=dict(entry.fields),
-                at=now,
-            ).to_bytes()
-            for entry, error in items
-        ]
+        letters = []
+        for entry, error in items:
+            fields, clipped = clip_fields(entry.fields, self.deadletter_keep_bytes)
+            letter = DeadLetter(source_stream=self.key, entry_id=entry.id, group=group, consumer=consumer,
+                                error=error[:_MAX_ERROR_CHARS], deliveries=entry.deliveries, fields=fields, at=now,
+                                prompt_id=self._prompt_id(entry), clipped=clipped)  # fmt: skip
+            letters.append(letter.to_bytes())
 
         async def op() -> list[Any]:
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -451,6 +462,12 @@ class StreamClient:
             self.stats.dead_lettered += len(items)
             for entry, error in items:
                 log.warning("dead-lettered %s from %s: %s", entry.id, self.key, error[:200])
+
+    def _prompt_id(self, entry: Entry) -> str:
+        """The prompt id an entry of this stream carries, or "" (recorded in its dead letter before clipping)."""
+        from services.ledger import entry_prompt_id  # the ledger builds on this module
+
+        return entry_prompt_id(self.key, {k.encode(): v for k, v in entry.fields.items()}) or ""
 
     async def _decode(self, entries: list[Entry], decoder: Callable[[bytes], T]) -> list[tuple[str, T]]:
         good: list[tuple[str, T]] = []

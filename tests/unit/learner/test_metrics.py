@@ -3,13 +3,18 @@ perplexity quadrant shares of metrics.jsonl as a labelled gauge, and the time of
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 
 from learner.batch import StepBatch
 from learner.metrics import DURATION_BUCKETS, QUADRANTS, LearnerMetrics
+from runner.redis_server import LocalRedis
 from services.contracts import MetricKey as K
+from services.streams import connect
 
 
 def _value(metrics: LearnerMetrics, name: str, **labels: str) -> float | None:
@@ -54,3 +59,27 @@ def test_the_last_step_time_starts_at_the_process_start_and_moves_with_each_step
     metrics.on_step(_line(1), StepBatch([], [], [], {}))
     stepped = _value(metrics, "dipo_learner_last_step_timestamp_seconds")
     assert stepped is not None and stepped > started
+
+
+async def test_redis_memory_is_exported_and_warned_about_near_the_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with LocalRedis(tmp_path, maxmemory_mb=64) as server:
+        redis = connect(server.url, timeout_s=5.0)
+        try:
+            config = await redis.config_get("maxmemory*")
+            assert (config["maxmemory"], config["maxmemory-policy"]) == (str(64 << 20), "noeviction")  # never evict
+            metrics = LearnerMetrics()
+            with caplog.at_level(logging.WARNING, logger="learner.metrics"):
+                await metrics.observe_redis_memory(redis)
+                assert not caplog.records  # a fresh server is far below 80 % of 64 MiB
+                assert _value(metrics, "dipo_learner_redis_memory_bytes", kind="max") == 64 << 20
+                used = _value(metrics, "dipo_learner_redis_memory_bytes", kind="used")
+                assert used is not None and used > 0
+                await redis.config_set("maxmemory", int(used / 0.9))  # now at about 90 %
+                await metrics.observe_redis_memory(redis)
+                await metrics.observe_redis_memory(redis)  # still near: warned once, not per step
+            (record,) = caplog.records  # warned once, though the use grew a little meanwhile
+            assert record.getMessage().startswith("Redis uses 9") and "of its maxmemory" in record.getMessage()
+        finally:
+            await redis.aclose()

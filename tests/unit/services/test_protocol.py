@@ -330,6 +330,8 @@ DECODE_BUGS: dict[str, tuple[str, Any]] = {
     "json bytes": ("prompt", lambda m: m.update(ground_truth=b"42")),
     "json too deep": ("prompt", lambda m: m.update(ground_truth=_nested(40))),
     "dl fields str values": ("deadletter", lambda m: m.update(fields={"d": "x"})),
+    "dl clipped bytes values": ("deadletter", lambda m: m.update(clipped={"d": b"x"})),
+    "dl prompt id not str": ("deadletter", lambda m: m.update(prompt_id=7)),
 }
 
 
@@ -349,6 +351,16 @@ def test_version_1_rollouts_decode_as_one_span_from_token_0() -> None:
         assert new.span_starts.tolist() == [0] and new.span_versions.tolist() == [old.version_first]
         assert new.span_weights == [""] and np.array_equal(new.token_ids, old.token_ids)
     assert back.oldest_version == group.oldest_version
+
+
+def test_version_1_dead_letters_decode_without_prompt_id_or_clipping() -> None:
+    def as_v1(m: dict[str, Any]) -> None:
+        m["v"] = 1
+        del m["prompt_id"], m["clipped"]
+
+    back = DeadLetter.from_bytes(_with("deadletter", as_v1))
+    assert (back.prompt_id, back.clipped) == ("", {})
+    assert back.fields == make_deadletter().fields
 
 
 @pytest.mark.parametrize("case", list(DECODE_BUGS))
