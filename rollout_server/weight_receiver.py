@@ -161,8 +161,10 @@ class WeightReceiver:
 
     def _take_part(self, store: dist.Store, token: str, rnd: int, invited_version: int) -> Delivery:
         store.set(Keys.ready(rnd, token), "1")
-        if not wait_keys(store, [Keys.roster(rnd)], self.timeout_s):
-            raise ResyncNeeded(f"round {rnd}: the learner published no roster within {self.timeout_s}s")
+        # The learner writes the roster once every member is ready or its own timeout_s (counted from the invite)
+        # passed: a stopped member makes it wait all of it. Waiting twice as long leaves no race at the deadline.
+        if not wait_keys(store, [Keys.roster(rnd)], 2 * self.timeout_s):
+            raise ResyncNeeded(f"round {rnd}: the learner published no roster within {2 * self.timeout_s}s")
         roster = get_json(store, Keys.roster(rnd))
         if token not in roster:
             raise ResyncNeeded(f"round {rnd}: dropped (not ready within the learner's timeout)")

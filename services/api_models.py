@@ -77,7 +77,7 @@ class ResponseBody(_Body):
     token_ids: list[int] = Field(default_factory=list, max_length=MAX_TOKENS)
     logprobs: list[float] = Field(default_factory=list, max_length=MAX_TOKENS)
     finish_reason: Literal["stop", "length", "abort"] = "stop"
-    version: int = Field(0, ge=0)
+    version: int = Field(0, ge=0, lt=2**32, description="Policy version that sampled it (the wire holds uint32).")
 
 
 class ScoreRequest(_Body):

@@ -18,9 +18,11 @@ from model_factories import save_tiny_llama
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from learner.checkpoint import OPTIMIZER_FILE, STATE_FILE, checkpoint_dir_name, load_model_weights
+from learner.checkpoint import OPTIMIZER_DIR, OPTIMIZER_FILE, STATE_FILE, checkpoint_dir_name, load_model_weights
+from learner.checkpoint_dcp import load_sharded_optimizer_state
 from learner.distributed import DistInfo
 from learner.loop import Learner
+from learner.train import Trainer
 
 SCRIPT = Path(__file__).with_name("_fsdp_loop.py")
 TOLERANCE = 1e-6
@@ -72,9 +74,20 @@ def finish(proc: subprocess.Popen[str]) -> None:
 
 
 def checkpoint(run_dir: Path, step: int) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """Weights, optimizer state and trainer state of checkpoint `step` of a run."""
+    """Weights, optimizer state and trainer state of checkpoint `step` of a run.
+
+    A 1-rank run writes the optimizer state whole (optimizer.pt); several FSDP ranks write it sharded
+    (optimizer/rank-NNNNN), which is read back here as one unsharded process would resume it.
+    """
     folder = run_dir / "checkpoints" / checkpoint_dir_name(step)
-    optimizer = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    if (folder / OPTIMIZER_FILE).is_file():
+        optimizer = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    else:
+        model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        single = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        trainer = Trainer(build_cfg(folder, run_dir), model, single)
+        load_sharded_optimizer_state(model, trainer.optimizer, folder / OPTIMIZER_DIR)
+        optimizer = trainer.optimizer.state_dict()
     return load_model_weights(folder), optimizer, json.loads((folder / STATE_FILE).read_text())
 
 

@@ -44,7 +44,11 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small random Llama with the default model's tokenizer (a decode step takes a few ms on one thread)."""
-    folder = tmp_path_factory.mktemp("rollout-llama")
+    return save_rollout_llama(tmp_path_factory.mktemp("rollout-llama"))
+
+
+def save_rollout_llama(folder: Path) -> Path:
+    """Write the small random Llama (seeded: the same weights every time) with the default tokenizer to ``folder``."""
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -30,14 +30,12 @@ from test_rollout_server import (
     REPO,
     consumer_of,
     rollouts_of,
+    save_rollout_llama,
     shifted_weights,
     stop_all,
     task,
     wait_for,
     write_config,
-)
-from test_rollout_server import (
-    model_dir as rollout_model_dir,  # noqa: F401 - the module's tiny model fixture, named model_dir
 )
 from transformers import LlamaForCausalLM
 
@@ -52,6 +50,12 @@ from services.streams import StreamClient, StreamSpec, connect_sync, run_key
 
 pytestmark = pytest.mark.timeout(300)
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """test_rollout_server's small random Llama."""
+    return save_rollout_llama(tmp_path_factory.mktemp("rollout-llama"))
 
 
 @dataclass
