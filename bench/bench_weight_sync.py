@@ -63,7 +63,8 @@ def receiver_main(endpoint: str, rounds: int) -> None:
     torch.set_num_threads(1)
     model = {name: torch.zeros(shape) for name, shape in smollm2_shapes().items()}
 
-    receiver = WeightReceiver(endpoint, "bench", expected_from_named(model.items()), timeout_s=120)
+    secret = os.environ["DIPO_BENCH_SYNC_SECRET"]
+    receiver = WeightReceiver(endpoint, "bench", expected_from_named(model.items()), secret=secret, timeout_s=120)
     receiver.join()
     applied = 0
     while applied < rounds:
@@ -135,7 +136,7 @@ def raw_gloo_seconds(nbytes: int, bucket_mib: int, rounds: int) -> list[float]:
 def broadcast_seconds(weights: dict[str, torch.Tensor], rounds: int, bucket_mib: int) -> list[float]:
     """Seconds of each of `rounds` broadcasts to one receiver subprocess, after one untimed warm-up round."""
     learner = WeightBroadcaster(timeout_s=120, bucket_bytes=bucket_mib << 20)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIPO_BENCH_SYNC_SECRET": learner.secret}
     proc = subprocess.Popen([sys.executable, __file__, "receive", learner.endpoint, str(rounds + 1)], env=env)
     try:
         if learner.wait_for_receivers(1, 120) != 1:

@@ -384,6 +384,7 @@ class Learner:
         """One metrics.jsonl line, the Prometheus metrics and a log line for the step just done."""
         run.metrics.on_step(line, batch)
         run.metrics.on_quarantines(run.provenance.quarantined)
+        run.metrics.on_rejected_sync_events(run.broadcaster.rejected_events)
         await run.metrics.observe_streams(run.aredis, self.cfg.name)
         await run.metrics.observe_redis_memory(run.aredis)
         run.metrics_file.write(json.dumps(line) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -78,6 +79,11 @@ class LearnerMetrics:
         self.canary_mismatches = m.counter(
             "canary_mismatches", "Rollout servers quarantined: their canary disagreed with the learner's for a version."
         )
+        self.sync_rejected_events = m.counter(
+            "sync_rejected_events", "Weight-sync membership events dropped: malformed, or without the run's secret.",
+            ["reason"],
+        )  # fmt: skip
+        self._rejected_seen: dict[str, int] = {}
         self.checkpoint_seconds = m.histogram("checkpoint_seconds", "Time to write one checkpoint.", buckets=buckets)
         self.stream_length = m.gauge("stream_length", "Entries in a stream of the run.", ["stream"])
         self.stream_pending = m.gauge("stream_pending", "Pending entries of the stream's consumer group.", ["stream"])
@@ -163,6 +169,12 @@ class LearnerMetrics:
                         "pipeline stalls; lower streams.retain_acked_s or raise redis.maxmemory_mb",
                         100 * used / limit, used >> 20, limit >> 20)  # fmt: skip
         self._memory_warned = near
+
+    def on_rejected_sync_events(self, totals: Mapping[str, int]) -> None:
+        """Record the running counts of membership events the weight-sync store dropped, by reason."""
+        for reason, total in totals.items():
+            self.sync_rejected_events.labels(reason).inc(max(0, total - self._rejected_seen.get(reason, 0)))
+            self._rejected_seen[reason] = total
 
     def on_quarantines(self, total: int) -> None:
         """Record the running count of servers the learner quarantined."""

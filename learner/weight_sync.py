@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -26,6 +29,8 @@ from services.modeling.weight_sync import (
     fingerprint,
     get_json,
     is_loopback,
+    listening_socket,
+    membership_proof,
     new_group,
     pack_bucket,
     plan_buckets,
@@ -97,9 +102,18 @@ class WeightBroadcaster:
         self.device = device or torch.device("cuda" if backend == "nccl" else "cpu")
         # Test hook: called with (bucket index, packed bytes) after the bucket's checksum is taken.
         self._tamper = tamper
+        # TCPStore would listen on every interface whatever host it is given: bind the socket ourselves and hand
+        # it over (the store owns the descriptor from here and closes it with itself).
+        listener = listening_socket(store_host, store_port)
+        port = listener.getsockname()[1]
         self._store: dist.TCPStore | None = dist.TCPStore(
-            store_host, store_port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
-        )
+            store_host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s),
+            master_listen_fd=listener.detach(),
+        )  # fmt: skip
+        self.secret = secrets.token_hex(16)
+        """Receivers prove their membership events with it (published beside the endpoint, behind Redis's auth)."""
+        self.rejected_events: Counter[str] = Counter()
+        """Membership events dropped, by reason (``malformed``, ``unauthenticated``): running totals."""
         host = advertise_host or store_host
         self.endpoint = f"[{host}]:{self._store.port}" if ":" in host else f"{host}:{self._store.port}"
         self._bind_host = "127.0.0.1" if is_loopback(host) else None
@@ -110,7 +124,7 @@ class WeightBroadcaster:
         self._slots: list[torch.Tensor] = []  # two packing buffers, kept between rounds
         self._round_lock = threading.Lock()
         if publish is not None:
-            publish({PolicyField.SYNC_ENDPOINT: self.endpoint})
+            publish({PolicyField.SYNC_ENDPOINT: self.endpoint, PolicyField.SYNC_SECRET: self.secret})
 
     @property
     def members(self) -> list[str]:
@@ -221,12 +235,32 @@ class WeightBroadcaster:
             except dist.DistStoreError:
                 logger.warning("membership event %d was allocated but never written; skipping it", index)
                 continue
-            member = str(event["member"])
-            if event["op"] == "join" and member not in self._members:
-                self._members.append(member)
-            elif event["op"] == "leave" and member in self._members:
-                self._members.remove(member)
+            except ValueError as exc:  # not JSON, or not UTF-8
+                self._reject(index, "malformed", f"not JSON ({exc})")
+                continue
+            self._apply_event(index, event)
         self._events_seen = count
+
+    def _apply_event(self, index: int, event: object) -> None:
+        """One membership event: a join or leave of a member that proves it holds the secret."""
+        if not isinstance(event, dict) or not all(isinstance(event.get(k), str) for k in ("op", "member", "proof")):
+            self._reject(index, "malformed", "not {op, member, proof} strings")
+            return
+        op, member = event["op"], event["member"]
+        if op not in ("join", "leave") or not 0 < len(member) <= 256:
+            self._reject(index, "malformed", f"op {op[:20]!r}, member of {len(member)} characters")
+            return
+        if not hmac.compare_digest(event["proof"], membership_proof(self.secret, op, member)):
+            self._reject(index, "unauthenticated", f"{op} of {member[:64]!r} without the run's secret")
+            return
+        if op == "join" and member not in self._members:
+            self._members.append(member)
+        elif op == "leave" and member in self._members:
+            self._members.remove(member)
+
+    def _reject(self, index: int, reason: str, detail: str) -> None:
+        self.rejected_events[reason] += 1
+        logger.warning("weight sync: dropped membership event %d (%s): %s", index, reason, detail)
 
     def _run_round(
         self,

@@ -74,7 +74,7 @@ class WeightSync:
         self.comm_backend = "nccl" if on_gpu and torch.cuda.is_available() else "gloo"
         self.expected = weights.expected(torch_dtype(cfg.model.dtype))
         self._receiver: WeightReceiver | None = None
-        self._endpoint: str | None = None
+        self._endpoint: tuple[str | None, str] | None = None  # the learner's store address and secret
         self._joined = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -168,13 +168,14 @@ class WeightSync:
         return delivery.version
 
     def _joined_receiver(self, policy: PolicyView) -> WeightReceiver:
-        if policy.sync_endpoint != self._endpoint:  # first join, or a restarted learner hosting a new store
+        address = (policy.sync_endpoint, policy.sync_secret)
+        if address != self._endpoint:  # first join, or a restarted learner hosting a new store (with a new secret)
             self._leave()
             assert policy.sync_endpoint is not None
             self._receiver = WeightReceiver(policy.sync_endpoint, self.consumer, self.expected,
-                                            backend=self.comm_backend,
+                                            secret=policy.sync_secret, backend=self.comm_backend,
                                             timeout_s=self.cfg.rollout.weight_sync_timeout_s)  # fmt: skip
-            self._endpoint = policy.sync_endpoint
+            self._endpoint = address
         assert self._receiver is not None
         if not self._joined:
             self._catch_up(policy)  # the newest checkpoint first, then the rounds after it

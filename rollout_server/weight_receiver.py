@@ -31,6 +31,7 @@ from services.modeling.weight_sync import (
     fingerprint,
     get_json,
     is_loopback,
+    membership_proof,
     new_group,
     parse_endpoint,
     put_json,
@@ -64,6 +65,7 @@ class WeightReceiver:
         receiver_id: str,
         expected: Expected,
         *,
+        secret: str,
         backend: str = "gloo",
         timeout_s: float = 60.0,
         device: torch.device | None = None,
@@ -74,6 +76,8 @@ class WeightReceiver:
             raise ValueError(f"receiver_id {receiver_id!r} must not contain '#' or '/' (they delimit store keys)")
         self.host, self.port = parse_endpoint(endpoint)
         self.receiver_id = receiver_id
+        self.secret = secret
+        """The learner's sync secret (policy hash ``sync_secret``): it proves this receiver's joins and leaves."""
         self.expected = dict(expected)
         self.backend = backend
         self.timeout_s = timeout_s
@@ -105,7 +109,7 @@ class WeightReceiver:
             current = int(self._store.add(Keys.rounds, 0))  # rounds up to here were fixed before we registered
             token = f"{self.receiver_id}#{secrets.token_hex(4)}"
             index = int(self._store.add(Keys.events_count, 1))
-            put_json(self._store, Keys.event(index), {"op": "join", "member": token})
+            put_json(self._store, Keys.event(index), self._event("join", token))
             self._token, self._next_round, self._invited = token, current + 1, False
 
     def receive(self, wait_s: float | None = None) -> Delivery | None:
@@ -138,10 +142,13 @@ class WeightReceiver:
             if self._store is not None and self._token is not None:
                 try:
                     index = int(self._store.add(Keys.events_count, 1))
-                    put_json(self._store, Keys.event(index), {"op": "leave", "member": self._token})
+                    put_json(self._store, Keys.event(index), self._event("leave", self._token))
                 except dist.DistError:
                     logger.info("could not announce leaving: the learner's store is gone")
             self._store, self._token = None, None
+
+    def _event(self, op: str, member: str) -> dict[str, str]:
+        return {"op": op, "member": member, "proof": membership_proof(self.secret, op, member)}
 
     def _next_invite(self, store: dist.Store, token: str, wait_s: float) -> tuple[int, int] | None:
         """The next round that invites us, as (round, version); skips rounds from before our registration."""

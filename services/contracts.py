@@ -135,6 +135,8 @@ class PolicyField:
     CHECKPOINT_VERSION = "checkpoint_version"
     SYNC_ENDPOINT = "sync_endpoint"
     """host:port of the weight-sync rendezvous store."""
+    SYNC_SECRET = "sync_secret"
+    """The secret receivers prove their membership events with (fresh at every learner start)."""
     UPDATED_AT = "updated_at"
 
 
@@ -155,6 +157,7 @@ class PolicyView:
     checkpoint_version: int
     status: str
     sync_endpoint: str | None
+    sync_secret: str = ""
 
     @classmethod
     def from_hash(cls, raw: Mapping[bytes | str, bytes | str]) -> PolicyView:
@@ -166,6 +169,7 @@ class PolicyView:
             checkpoint_version=int(data.get(PolicyField.CHECKPOINT_VERSION) or -1),
             status=data.get(PolicyField.STATUS) or "starting",
             sync_endpoint=data.get(PolicyField.SYNC_ENDPOINT) or None,
+            sync_secret=data.get(PolicyField.SYNC_SECRET) or "",
         )
 
 

@@ -7,7 +7,9 @@ per-round process groups built directly on a PrefixStore of the learner's TCPSto
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import socket
 import threading
 import time
 import zlib
@@ -313,6 +315,30 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 def is_loopback(host: str) -> bool:
     """Whether a host name points at this machine's loopback interface."""
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def membership_proof(secret: str, op: str, member: str) -> str:
+    """HMAC-SHA256 of a membership event (``op`` of ``member``) under the run's sync secret, hex.
+
+    The learner publishes a fresh secret with its endpoint (in the run's policy hash, behind Redis's password);
+    a join or leave that does not carry this proof is dropped, so a client that merely reaches the store port can
+    neither add a member that every round would wait for nor remove a real one.
+    """
+    return hmac.new(secret.encode(), f"{op}:{member}".encode(), hashlib.sha256).hexdigest()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host`` (not every interface, which is what TCPStore itself binds) and listening."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def put_json(store: dist.Store, key: str, value: Any) -> None:

@@ -93,7 +93,8 @@ def receiver_main(argv: list[str]) -> None:
         log.write(json.dumps(event) + "\n")
         log.flush()
 
-    receiver = WeightReceiver(args.endpoint, args.id, expected, timeout_s=RECEIVER_TIMEOUT_S)
+    secret = os.environ["DIPO_TEST_SYNC_SECRET"]  # never in argv
+    receiver = WeightReceiver(args.endpoint, args.id, expected, secret=secret, timeout_s=RECEIVER_TIMEOUT_S)
     receiver.join()
     record(event="joined")
     while not (args.out / "stop").exists():
@@ -120,12 +121,13 @@ def receiver_main(argv: list[str]) -> None:
 class Receiver:
     """One receiver subprocess and its event log."""
 
-    def __init__(self, endpoint: str, name: str, out: Path, *extra: str) -> None:
+    def __init__(self, learner: WeightBroadcaster, name: str, out: Path, *extra: str) -> None:
         self.name = name
         self.out = out
         out.mkdir(parents=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, __file__, "receive", "--endpoint", endpoint, "--id", name, "--out", str(out), *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DIPO_TEST_SYNC_SECRET": learner.secret}
+        cmd = [sys.executable, __file__, "receive", "--endpoint", learner.endpoint, "--id", name, "--out", str(out),
+               *extra]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env=env, stderr=(out / "stderr.txt").open("w"))
 
     def events(self) -> list[dict[str, Any]]:
@@ -172,8 +174,8 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
     """Start receiver subprocesses; any still running at teardown is continued and killed by pid."""
     started: list[Receiver] = []
 
-    def start(endpoint: str, name: str, *extra: str) -> Receiver:
-        receiver = Receiver(endpoint, name, tmp_path / name, *extra)
+    def start(learner: WeightBroadcaster, name: str, *extra: str) -> Receiver:
+        receiver = Receiver(learner, name, tmp_path / name, *extra)
         started.append(receiver)
         return receiver
 
@@ -206,7 +208,7 @@ def test_receivers_get_identical_weights_and_a_late_joiner_catches_up(
     try:
         endpoint = client.hget(policy_key, PolicyField.SYNC_ENDPOINT)
         assert endpoint is not None and endpoint.decode() == learner.endpoint
-        a, b = spawn(learner.endpoint, "a"), spawn(learner.endpoint, "b")
+        a, b = spawn(learner, "a"), spawn(learner, "b")
         assert learner.wait_for_receivers(2, START_TIMEOUT_S) == 2
         fingerprints = {}
         for version in (1, 2, 3):
@@ -217,7 +219,7 @@ def test_receivers_get_identical_weights_and_a_late_joiner_catches_up(
             # the same weights give the same fingerprint without a round, and other weights another one
             assert learner.fingerprint(list(make_weights(version).items()), version) == report.fingerprint
         assert len(set(fp.partition(":")[2] for fp in fingerprints.values())) == 3
-        late = spawn(learner.endpoint, "late")
+        late = spawn(learner, "late")
         assert learner.wait_for_receivers(3, START_TIMEOUT_S) == 3
         report = learner.broadcast(make_weights(4).items(), 4)
         assert sorted(m.split("#")[0] for m in report.receivers) == ["a", "b", "late"]
@@ -246,7 +248,7 @@ def test_bad_manifest_and_corrupt_bucket_are_rejected_and_old_weights_kept(spawn
 
     learner = WeightBroadcaster(timeout_s=10, bucket_bytes=BUCKET_BYTES, tamper=flip_a_byte_of_v2)
     try:
-        good, bad = spawn(learner.endpoint, "good"), spawn(learner.endpoint, "bad", "--bad-shape")
+        good, bad = spawn(learner, "good"), spawn(learner, "bad", "--bad-shape")
         assert learner.wait_for_receivers(2, START_TIMEOUT_S) == 2
         state["version"] = 1
         report = learner.broadcast(make_weights(1).items(), 1)
@@ -284,7 +286,7 @@ def test_bad_manifest_and_corrupt_bucket_are_rejected_and_old_weights_kept(spawn
 def test_stopped_receiver_is_dropped_and_the_rest_carry_on(spawn: Callable[..., Receiver]) -> None:
     learner = WeightBroadcaster(timeout_s=3, bucket_bytes=BUCKET_BYTES)
     try:
-        a, b = spawn(learner.endpoint, "a"), spawn(learner.endpoint, "b")
+        a, b = spawn(learner, "a"), spawn(learner, "b")
         assert learner.wait_for_receivers(2, START_TIMEOUT_S) == 2
         assert len(learner.broadcast(make_weights(1).items(), 1).receivers) == 2
         b.wait_for(lambda events: 1 in [e.get("version") for e in events])
@@ -317,7 +319,8 @@ def test_stopped_receiver_is_dropped_and_the_rest_carry_on(spawn: Callable[..., 
 
 def test_receiver_close_leaves_the_group_without_a_timeout() -> None:
     learner = WeightBroadcaster(timeout_s=30, bucket_bytes=BUCKET_BYTES)
-    receiver = WeightReceiver(learner.endpoint, "x", expected_from_named(make_weights(0).items()), timeout_s=5)
+    receiver = WeightReceiver(learner.endpoint, "x", expected_from_named(make_weights(0).items()),
+                              secret=learner.secret, timeout_s=5)  # fmt: skip
     try:
         receiver.join()
         assert learner.wait_for_receivers(1, 10) == 1
@@ -365,7 +368,7 @@ def test_cuda_learner_packs_on_the_gpu_and_a_cpu_receiver_gets_identical_weights
         assert checksum(data, "sum64") == checksum(data.to(cuda), "sum64")
     learner = WeightBroadcaster(timeout_s=30, bucket_bytes=BUCKET_BYTES, device=cuda)
     try:
-        receiver = spawn(learner.endpoint, "cpu")
+        receiver = spawn(learner, "cpu")
         assert learner.wait_for_receivers(1, START_TIMEOUT_S) == 1
         report = learner.broadcast([(name, t.to(cuda)) for name, t in make_weights(1).items()], 1)
         assert len(report.receivers) == 1, report.dropped
