@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from services.contracts import PolicyField
+from services.http import is_loopback
 from services.modeling.weight_sync import (
     DEFAULT_BUCKET_BYTES,
     Group,
@@ -28,7 +29,6 @@ from services.modeling.weight_sync import (
     checksum_for,
     fingerprint,
     get_json,
-    is_loopback,
     listening_socket,
     membership_proof,
     new_group,

@@ -86,7 +86,10 @@ class ReloadRequest(_Body):
     """``POST /v1/weights/reload``: load a Hugging Face folder's safetensors weights (admin)."""
 
     v: Literal[1] = API_VERSION
-    checkpoint: str = Field(min_length=1, max_length=4096, description="Folder on the server's filesystem.")
+    checkpoint: str = Field(
+        min_length=1, max_length=4096,
+        description="A checkpoint folder inside the run's checkpoint folder: its absolute path, or its name there.",
+    )  # fmt: skip
     version: int | None = Field(
         None, ge=0, description="Policy version to stamp on what the weights generate; default: keep the current one."
     )

@@ -40,7 +40,7 @@ from rollout_server.policy_weights import PolicyWeights
 from rollout_server.sync import WeightSync
 from rollout_server.worker import RolloutWorker
 from services.config import RunConfig
-from services.contracts import consumer_name
+from services.contracts import RunFolder, consumer_name
 from services.http import bearer_auth, exit_on_failure, json_body, read_model, unprocessable
 from services.metrics import metrics_asgi_app
 from services.streams import clients_from_config
@@ -156,14 +156,25 @@ async def generate(request: Request) -> GenerateResponse:
     )
 
 
+def _run_checkpoint(cfg: RunConfig, requested: str) -> Path:
+    """The folder to load: inside this run's checkpoint folder (an absolute path there, or a name relative to it).
+
+    Anything else, a missing folder or one outside (``/etc``, ``../..``, a symlink out), gets the same 404, so the
+    endpoint tells a caller nothing about the server's file system.
+    """
+    root = RunFolder(cfg.resolved_run_dir).checkpoints.resolve()
+    folder = (root / requested).resolve()  # an absolute `requested` replaces root; symlinks are followed
+    if folder == root or not folder.is_relative_to(root) or not folder.is_dir():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no checkpoint {requested[:200]!r} in this run's checkpoints")
+    return folder
+
+
 async def reload(request: Request) -> ReloadResponse:
     """Load a checkpoint folder's weights (validated first: a folder of another model changes nothing)."""
     server = _state(request)
     body = await read_model(request, ReloadRequest, server.cfg.rollout.server.max_body_bytes)
     weights = server.weights
-    folder = Path(body.checkpoint)
-    if not folder.is_dir():
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no folder {folder} on this server")
+    folder = _run_checkpoint(server.cfg, body.checkpoint)
     version = weights.version if body.version is None else body.version
     start = time.perf_counter()
     try:

@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from services.http import is_loopback
 from services.modeling.weight_sync import (
     ChecksumMismatch,
     Expected,
@@ -30,7 +31,6 @@ from services.modeling.weight_sync import (
     checksum,
     fingerprint,
     get_json,
-    is_loopback,
     membership_proof,
     new_group,
     parse_endpoint,

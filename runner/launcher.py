@@ -10,6 +10,8 @@ The launcher never imports the components (they pull torch and vLLM): every comp
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -37,7 +39,7 @@ from runner.supervisor import (
     RestartPolicy,
     Supervisor,
 )
-from services.config import RunConfig, load_config, write_resolved_config
+from services.config import RunConfig, env_name, load_config, split_secret_overrides, write_resolved_config
 from services.contracts import RunFolder
 from services.log import setup_logging
 
@@ -69,6 +71,7 @@ def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
             f"or choose another folder with --set run_dir=... (or another --set name=...)"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(0o700)  # it holds the Redis data, the logs and the API token: this user's only
     leftovers = [RunFolder(run_dir).metrics, RunFolder(run_dir).redis]
     if not resume and any(p.exists() for p in leftovers):
         # an earlier attempt died before its first checkpoint: its streams and metrics would mix with this run's
@@ -80,6 +83,36 @@ def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
         log.warning("moved the leftovers of an earlier attempt without checkpoints to %s", aside)
     RunFolder(run_dir).logs.mkdir(exist_ok=True)
     return run_dir
+
+
+API_TOKEN_FILE = "api_token"
+"""In the run folder (0600): the API token `dipo run` generated for the rollout and reward servers' POST endpoints."""
+
+
+def fill_run_secrets(cfg: RunConfig, run_dir: Path) -> list[str]:
+    """Give a run the secrets its configuration left out: a password for the local redis-server `dipo run` starts,
+    and one API token for the rollout and reward servers (written to ``<run>/api_token``, mode 0600, for the user's
+    own calls). They reach the children through the environment. Returns what was generated.
+
+    A resumed run gets new ones: the Redis password is set on each start of the server, and nothing outlives a
+    run but its folder.
+    """
+    generated = []
+    if cfg.redis.url is None and not cfg.redis.password:
+        cfg.redis.password = secrets.token_urlsafe(24)
+        generated.append("a Redis password")
+    servers = [s for s in (cfg.rollout.server, cfg.reward.server) if not s.api_token]
+    if servers:
+        token = secrets.token_urlsafe(24)
+        for server in servers:
+            server.api_token = token
+        path = run_dir / API_TOKEN_FILE
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(token + "\n")
+        generated.append("an API token")
+    return generated
 
 
 def _thread_env(threads: int) -> dict[str, str]:
@@ -151,11 +184,15 @@ def build_child_specs(
     layout = gpus if gpus is not None else _plan_gpus(cfg, list_gpus)
     port = _PortPicker(pick_port)
     common = [f"--config={Path(config_path).resolve()}"] if config_path is not None else []
-    for item in overrides:
+    plain, secret_env = split_secret_overrides(overrides)  # secrets travel in the environment, never in argv
+    for item in plain:
         common += ["--set", item]
-    env = {"PYTHONUNBUFFERED": "1", "DIPO_REDIS__URL": redis_url}
-    if cfg.redis.password:
-        env["DIPO_REDIS__PASSWORD"] = cfg.redis.password
+    env = {"PYTHONUNBUFFERED": "1", **secret_env, "DIPO_REDIS__URL": redis_url}
+    known = {"redis.password": cfg.redis.password, "rollout.server.api_token": cfg.rollout.server.api_token,
+             "reward.server.api_token": cfg.reward.server.api_token}  # fmt: skip
+    for key, value in known.items():
+        if value:
+            env[env_name(key)] = value
 
     learner_port = port(cfg.learner.server.port, 0)
     launcher = torchrun_argv(python, len(layout.learner)) if len(layout.learner) > 1 else [python]
@@ -216,6 +253,9 @@ def launch(
     gpus = _plan_gpus(cfg, visible_gpus)  # before Redis: a node without enough GPUs fails at once
     if gpus.learner or gpus.rollout:
         log.info("GPU layout: %s", gpus.describe())
+    generated = fill_run_secrets(cfg, run_dir)
+    if generated:
+        log.info("generated for this run: %s (API token in %s)", ", ".join(generated), run_dir / API_TOKEN_FILE)
     redis_server = _start_redis(cfg, run_dir)
     try:
         redis_url = redis_server.url if redis_server is not None else str(cfg.redis.url)
@@ -271,9 +311,11 @@ def _track_report(config_path: Path, overrides: Sequence[str], folder: Path) -> 
     """Log the report's plots to the run's experiment trackers (a child process: the launcher imports no
     component)."""
     argv = [sys.executable, "-m", "learner.trackers", "--config", str(config_path), "--artifacts", str(folder)]
-    for item in overrides:
+    plain, secret_env = split_secret_overrides(overrides)
+    for item in plain:
         argv += ["--set", item]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    env = {**os.environ, **secret_env}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False, env=env)
     if result.returncode != 0:
         log.warning("could not log the report to the trackers: %s", result.stderr[-2000:])
 

@@ -598,11 +598,64 @@ def load_config(
     return RunConfig.model_validate(tree)
 
 
+SECRET_FIELDS = ("password", "api_token")
+"""Config fields that hold secrets wherever they appear; ``redis.url`` may hold one too (``:password@``)."""
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a dotted config key (``redis.password``, ``reward.server.api_token``, ``redis.url``) holds a secret."""
+    key = key.strip()
+    return key.rsplit(".", 1)[-1] in SECRET_FIELDS or key == "redis.url"
+
+
+def env_name(key: str) -> str:
+    """The environment variable of a dotted config key: ``a.b_c`` -> ``DIPO_A__B_C``."""
+    return ENV_PREFIX + ENV_DELIMITER.join(part.upper() for part in key.strip().split("."))
+
+
+def split_secret_overrides(overrides: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """``--set`` items without the secret ones, and those as environment variables: a child gets its secrets
+    through the environment, never on its command line (which ``ps`` shows to every local user)."""
+    plain: list[str] = []
+    env: dict[str, str] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and is_secret_key(key):
+            env[env_name(key)] = value
+        else:
+            plain.append(item)
+    return plain, env
+
+
+def redact_overrides(overrides: Sequence[str]) -> list[str]:
+    """``--set`` items as they may be logged or recorded: a secret's value is ``***``."""
+    out = []
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        out.append(f"{key}=***" if sep and is_secret_key(key) else item)
+    return out
+
+
+def mask_url(url: str) -> str:
+    """A URL without its secrets: the password of ``user:password@`` and the values of ``password=`` / ``token=``
+    query parameters become ``***``. Not ``urllib.parse``: it splits a password holding ``/`` at the slash."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    head, qmark, query = rest.partition("?")
+    if "@" in head:  # the host part holds no '@': the last one ends the userinfo, whatever the password holds
+        userinfo, host = head.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        head = f"{user}:***@{host}" if user and ":" in userinfo else f"***@{host}"
+    query = re.sub(r"(?i)(^|&)(password|passwd|pass|token|secret)=[^&]*", r"\1\2=***", query)
+    return f"{scheme}{sep}{head}{qmark}{query}"
+
+
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML (secrets masked), ready to write to the run folder."""
     data = cfg.model_dump(mode="json")
     if data["redis"]["url"]:
-        data["redis"]["url"] = re.sub(r"//[^@/]*@", "//***@", data["redis"]["url"])
+        data["redis"]["url"] = mask_url(data["redis"]["url"])
     for section in (data["redis"], data["rollout"]["server"], data["reward"]["server"], data["learner"]["server"]):
         for key in ("password", "api_token"):
             if section.get(key):

@@ -18,6 +18,11 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 _MAX_ERROR_CHARS = 2000
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a host name points at this machine's loopback interface."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def json_body_schema(model: type[BaseModel]) -> dict[str, Any]:
     """``model``'s JSON schema with its ``$defs`` inlined, for an OpenAPI ``requestBody`` written by hand.
 

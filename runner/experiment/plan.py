@@ -38,7 +38,7 @@ from rich.console import Console
 
 from runner.launcher import has_checkpoints, launch
 from runner.supervisor import EXIT_INTERRUPTED
-from services.config import RunConfig, dump_config, load_config, write_resolved_config
+from services.config import RunConfig, dump_config, load_config, redact_overrides, write_resolved_config
 from services.contracts import RunFolder
 
 DONE_FILE = "done"
@@ -261,14 +261,19 @@ class ExperimentPlan:
             "out": str(self.out),
             "arms": [asdict(arm) for arm in self.arms],
             "seeds": self.seeds,
-            "overrides": self.overrides,
+            "overrides": redact_overrides(self.overrides),  # secrets never recorded
             "steps": self.steps,
             "eval": asdict(self.eval),
             "baseline": self.baseline,
             "base_model": self.base_model,
             "late_fraction": self.late_fraction,
             "runs": [
-                {"arm": r.arm.name, "seed": r.seed, "run_dir": str(r.run_dir), "overrides": list(r.overrides)}
+                {
+                    "arm": r.arm.name,
+                    "seed": r.seed,
+                    "run_dir": str(r.run_dir),
+                    "overrides": redact_overrides(r.overrides),
+                }
                 for r in self.runs
             ],
         }
@@ -362,7 +367,7 @@ def check_run_record(run: PlannedRun) -> None:
     record = {
         "arm": asdict(run.arm),
         "seed": run.seed,
-        "overrides": list(run.overrides),
+        "overrides": redact_overrides(run.overrides),
         "config_digest": run.config_digest,
         "started_at": time.time(),
     }

@@ -312,11 +312,6 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def is_loopback(host: str) -> bool:
-    """Whether a host name points at this machine's loopback interface."""
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 def membership_proof(secret: str, op: str, member: str) -> str:
     """HMAC-SHA256 of a membership event (``op`` of ``member``) under the run's sync secret, hex.
 

@@ -544,9 +544,12 @@ def test_launch_runs_stand_ins_with_a_local_redis_and_writes_the_report(
     (tmp_path / "learner.py").write_text(FAKE_LEARNER)
     seen: dict[str, str] = {}
 
+    argvs: list[str] = []
+
     def fake_specs(cfg: RunConfig, config_path: Path | None, overrides: list[str], **kw: object) -> list[ChildSpec]:
         real = build_child_specs(cfg, config_path, overrides, **kw)  # type: ignore[arg-type]
         seen.update(real[0].env)
+        argvs.extend(arg for spec in real for arg in spec.argv)
         env = real[0].env | {"RUN_DIR": str(cfg.resolved_run_dir), "RUN_NAME": cfg.name}
         return [
             ChildSpec("learner", [sys.executable, str(tmp_path / "learner.py")], env, primary=True, stop_rank=0),
@@ -568,6 +571,13 @@ def test_launch_runs_stand_ins_with_a_local_redis_and_writes_the_report(
     written = (run_dir / "config.yaml").read_text()
     assert "url: redis://***@127.0.0.1:" in written and "pw1" not in written  # children get it from the env
     assert seen["DIPO_REDIS__PASSWORD"] == "pw1"
+    assert not any("pw1" in arg for arg in argvs)  # a --set secret reaches the children through the environment
+    token = (run_dir / "api_token").read_text().strip()  # generated: none was configured
+    assert (
+        len(token) >= 32 and seen["DIPO_ROLLOUT__SERVER__API_TOKEN"] == seen["DIPO_REWARD__SERVER__API_TOKEN"] == token
+    )
+    assert (run_dir / "api_token").stat().st_mode & 0o777 == 0o600 and run_dir.stat().st_mode & 0o777 == 0o700
+    assert token not in written and not any(token in arg for arg in argvs)
     assert "launcher: start learner" in (run_dir / "logs" / "learner.log").read_text()
     port = int(seen["DIPO_REDIS__URL"].rsplit(":", 1)[1].split("/")[0])
     with pytest.raises(redis.ConnectionError):  # the launcher's redis-server is gone

@@ -25,7 +25,7 @@ from rollout_server.backends.hf import HFBackend
 from rollout_server.checkpoints import CheckpointError, read_checkpoint
 from rollout_server.policy_weights import PolicyWeights
 from services.config import RunConfig, load_config
-from services.contracts import PolicyView
+from services.contracts import PolicyView, RunFolder
 from services.protocol import Sampling
 
 torch.set_num_threads(1)
@@ -53,8 +53,16 @@ def backend(tiny_model_dir: Path) -> HFBackend:
 
 
 @pytest.fixture
-async def client(backend: HFBackend) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(_config(), backend=backend)
+def checkpoints(tmp_path: Path) -> Path:
+    """The run's checkpoint folder: the only place /v1/weights/reload loads from."""
+    folder = RunFolder(tmp_path / "run").checkpoints
+    folder.mkdir(parents=True)
+    return folder
+
+
+@pytest.fixture
+async def client(backend: HFBackend, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(_config(run_dir=tmp_path / "run"), backend=backend)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://rollout") as c:
@@ -155,14 +163,33 @@ def _unchanged(backend: HFBackend, before: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(v, before[k]) for k, v in backend.model.named_parameters())
 
 
-async def test_reload_with_a_bad_folder_keeps_the_weights(
-    client: httpx.AsyncClient, backend: HFBackend, tmp_path: Path
+async def test_reload_loads_only_from_the_runs_checkpoint_folder(
+    client: httpx.AsyncClient, backend: HFBackend, tiny_model_dir: Path, checkpoints: Path, tmp_path: Path
 ) -> None:
     before = _snapshot(backend)
-    missing = await client.post("/v1/weights/reload", json={"checkpoint": str(tmp_path / "nope")}, headers=AUTH)
+    outside = tmp_path / "elsewhere" / "step-000001"  # a loadable checkpoint, but not this run's
+    LlamaForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(outside)
+    (checkpoints / "escape").symlink_to(outside)
+    answers = set()
+    for requested in (str(outside), "../../elsewhere/step-000001", "escape", str(checkpoints), "/etc",
+                      str(checkpoints / "missing"), "missing"):  # fmt: skip
+        resp = await client.post("/v1/weights/reload", json={"checkpoint": requested}, headers=AUTH)
+        assert resp.status_code == 404, (requested, resp.text)
+        answers.add(resp.json()["detail"].split("'")[0])
+    assert answers == {"no checkpoint "}  # forbidden and missing answer alike
+    assert _unchanged(backend, before)
+
+
+async def test_reload_with_a_bad_folder_keeps_the_weights(
+    client: httpx.AsyncClient, backend: HFBackend, checkpoints: Path
+) -> None:
+    before = _snapshot(backend)
+    missing = await client.post("/v1/weights/reload", json={"checkpoint": str(checkpoints / "nope")}, headers=AUTH)
     assert missing.status_code == 404
-    empty = await client.post("/v1/weights/reload", json={"checkpoint": str(tmp_path)}, headers=AUTH)
+    (checkpoints / "empty").mkdir()
+    empty = await client.post("/v1/weights/reload", json={"checkpoint": str(checkpoints / "empty")}, headers=AUTH)
     assert empty.status_code == 422
+    tmp_path = checkpoints
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     weights = {k: v.clone() for k, v in before.items()}
@@ -179,8 +206,9 @@ async def test_reload_with_a_bad_folder_keeps_the_weights(
 
 
 async def test_reload_with_a_good_checkpoint_changes_the_weights(
-    client: httpx.AsyncClient, backend: HFBackend, tiny_model_dir: Path, tmp_path: Path
+    client: httpx.AsyncClient, backend: HFBackend, tiny_model_dir: Path, checkpoints: Path
 ) -> None:
+    tmp_path = checkpoints
     before = _snapshot(backend)
     first = (await client.post("/v1/generate", json=_generate_body(), headers=AUTH)).json()
     model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
