@@ -31,10 +31,10 @@ import redis.asyncio as aioredis
 
 from learner.data import DataItem, EpochOrder
 from services.config import RunConfig
-from services.contracts import DEADLETTER, FEEDER, PROMPTS, ROLLOUTS, SCORED
+from services.contracts import CONSUMER_GROUPS, DEADLETTER, FEEDER, PROMPTS, ROLLOUT_VERSIONS, ROLLOUTS, SCORED
 from services.ledger import dead_letter_prompt_id
 from services.protocol import PromptTask
-from services.stream_upkeep import OutageBackoff, trim_acknowledged, trim_dead_letters
+from services.stream_upkeep import OutageBackoff, remove_dead_consumers, trim_acknowledged, trim_dead_letters
 from services.streams import TRANSIENT_ERRORS, StreamSpec, call_with_retries, run_key
 
 log = logging.getLogger(__name__)
@@ -293,8 +293,27 @@ class PromptFeeder:
         letters = functools.partial(trim_dead_letters, self.redis, run_key(self.cfg.name, DEADLETTER),
                                     streams.deadletter_max_entries, streams.deadletter_retain_s)  # fmt: skip
         removed += await self._call("trim deadletter", letters)
+        await self.remove_dead_consumers()
         if removed:
             log.debug("trimmed %d acknowledged stream entries", removed)
+        return removed
+
+    async def remove_dead_consumers(self) -> list[str]:
+        """Remove consumers idle for ``streams.consumer_expiry_s`` with nothing pending from every work stream's
+        group, and dead rollout servers' ``rollout_versions`` entries; returns the consumers removed."""
+        expiry = self.cfg.streams.consumer_expiry_s
+        removed: list[str] = []
+        for name, group in CONSUMER_GROUPS.items():
+            if group is None:
+                continue
+            expire = functools.partial(remove_dead_consumers, self.redis, run_key(self.cfg.name, name), group, expiry)
+            gone = await self._call(f"expire consumers of {name}", expire)
+            if gone:
+                log.info("removed dead consumers of %s/%s: %s", name, group, ", ".join(gone))
+            if gone and name == PROMPTS:  # rollout servers: their policy-version entries go with them
+                forget = functools.partial(self.redis.hdel, run_key(self.cfg.name, ROLLOUT_VERSIONS), *gone)
+                await self._call("HDEL rollout_versions", forget)  # type: ignore[arg-type]
+            removed += gone
         return removed
 
     # ------------------------------------------------------------------ Redis

@@ -29,6 +29,13 @@ from services.streams import call_with_retries, run_key
 
 T = TypeVar("T")
 
+# Delete the lock only while it still holds our token (Redis runs the script atomically).
+_UNLOCK_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
 # A refit takes milliseconds; a replica that dies holding the lock blocks the others' refits only this long.
 _LOCK_TTL_MS = 2000
 _FIT_FIELDS = ("tau", "error_rate", "exploit_correct_share", "explore_wrong_share", "gate_open", "window_size")
@@ -64,6 +71,7 @@ class PplWindow:
         self.fit_key = run_key(run, f"ppl_fit.{task_kind}")
         self.lock_key = run_key(run, f"ppl_fit_lock.{task_kind}")
         self._token = uuid.uuid4().hex
+        self._unlock = redis.register_script(_UNLOCK_LUA)
         self.refits = 0
 
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
@@ -151,4 +159,16 @@ class PplWindow:
         try:
             return await self.refit()
         finally:
-            await self._call("PPL unlock", lambda: self.redis.delete(self.lock_key))
+            await self.release_lock()
+
+    async def release_lock(self) -> bool:
+        """Release the refit lock if this replica still holds it; True when it did.
+
+        A refit slower than the lock's TTL has lost the lock, maybe to another replica: deleting the key without
+        checking its token would release that replica's lock instead (compare-and-delete, atomically in Redis).
+        """
+        released = await self._call(
+            "PPL unlock",
+            lambda: self._unlock(keys=[self.lock_key], args=[self._token]),  # type: ignore[misc]
+        )
+        return bool(released)

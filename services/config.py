@@ -93,6 +93,12 @@ class StreamsConfig(_Section):
         "every trim_interval_s); undelivered and pending ones never are. Keeps Redis memory bounded.",
     )
     trim_interval_s: float = Field(10.0, gt=0, description="How often the learner trims acknowledged entries, s.")
+    consumer_expiry_s: float = Field(
+        3600.0,
+        gt=0,
+        description="A consumer idle this long with nothing pending is removed from its group (a "
+        "killed process), with its rollout_versions entry; the learner checks every trim_interval_s.",
+    )
     deadletter_max_entries: int = Field(
         10_000, ge=1, description="The dead-letter stream keeps about this many newest letters (trimmed with the rest)."
     )

@@ -143,3 +143,27 @@ async def trim_dead_letters(redis: aioredis.Redis, key: str, max_entries: int, r
     removed: int = await redis.xtrim(key, minid=f"{cutoff_ms}-0", approximate=False)
     removed += await redis.xtrim(key, maxlen=max_entries, approximate=False)
     return removed
+
+
+async def remove_dead_consumers(redis: aioredis.Redis, key: str, group: str, idle_s: float) -> list[str]:
+    """Delete the consumers of ``group`` on ``key`` that hold nothing pending and were idle for ``idle_s``.
+
+    A consumer that was killed stays in its group for ever otherwise (its pending entries are claimed by the others
+    after the visibility timeout, so it ends with none). A live one reads every ``streams.block_ms`` and is never
+    that idle; were one deleted anyway, its next read recreates it. Returns the names removed.
+    """
+    try:
+        consumers = await redis.xinfo_consumers(key, group)
+    except rexc.ResponseError:  # no such stream or group yet
+        return []
+    removed = []
+    for row in consumers:
+        name = _text(row.get("name"))
+        if int(row.get("pending", 0)) == 0 and int(row.get("idle", 0)) >= idle_s * 1000:
+            await redis.xgroup_delconsumer(key, group, name)
+            removed.append(name)
+    return removed
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -11,10 +12,11 @@ import redis.exceptions as rexc
 
 from learner.data import DataItem, EpochOrder
 from learner.feeder import FeederConflict, FeederState, PromptFeeder, prompt_seed
+from reward_service.window import PplWindow
 from services.config import RunConfig
-from services.contracts import DEADLETTER, PROMPTS
+from services.contracts import DEADLETTER, PROMPTS, ROLLOUT_GROUP, ROLLOUT_VERSIONS
 from services.protocol import DeadLetter, PromptTask
-from services.streams import DATA_FIELD, StreamSpec
+from services.streams import DATA_FIELD, StreamSpec, run_key
 
 
 def items(count: int = 10) -> list[DataItem]:
@@ -182,3 +184,39 @@ def test_state_round_trips_and_rejects_malformed_input() -> None:
         FeederState.from_dict(state.to_dict() | {"ledger": [12]})
     with pytest.raises(ValueError, match="same data config"):
         PromptFeeder(config("r"), aioredis.Redis(), items(5), state)
+
+
+async def test_dead_consumers_and_their_versions_are_removed(redis_client: aioredis.Redis, run_name: str) -> None:
+    cfg = config(run_name)
+    cfg.streams.consumer_expiry_s = 0.3
+    feeder = PromptFeeder(cfg, redis_client, items())
+    prompts = run_key(run_name, PROMPTS)
+    await redis_client.xgroup_create(prompts, ROLLOUT_GROUP, id="0", mkstream=True)
+    for i in range(3):
+        await redis_client.xadd(prompts, {DATA_FIELD: f"p{i}".encode()})
+    for consumer in ("killed", "busy"):  # both read one entry; only the killed one's was settled (claimed, acked)
+        await redis_client.xreadgroup(ROLLOUT_GROUP, consumer, {prompts: ">"}, count=1)
+    (entry,) = await redis_client.xpending_range(prompts, ROLLOUT_GROUP, "-", "+", 1, consumername="killed")
+    await redis_client.xack(prompts, ROLLOUT_GROUP, entry["message_id"])
+    versions = run_key(run_name, ROLLOUT_VERSIONS)
+    await redis_client.hset(versions, mapping={"killed": "3", "busy": "3", "alive": "4"})
+    await asyncio.sleep(0.4)
+    await redis_client.xreadgroup(ROLLOUT_GROUP, "alive", {prompts: ">"}, count=1)  # reads, so it is not idle
+    await redis_client.xack(prompts, ROLLOUT_GROUP, *[e["message_id"] for e in await redis_client.xpending_range(
+        prompts, ROLLOUT_GROUP, "-", "+", 10, consumername="alive")])  # fmt: skip
+
+    assert await feeder.remove_dead_consumers() == ["killed"]  # "busy" still holds a pending entry
+    names = {c["name"].decode() for c in await redis_client.xinfo_consumers(prompts, ROLLOUT_GROUP)}
+    assert names == {"busy", "alive"}
+    assert await redis_client.hgetall(versions) == {b"busy": b"3", b"alive": b"4"}
+
+
+async def test_the_refit_lock_is_released_only_by_its_holder(redis_client: aioredis.Redis, run_name: str) -> None:
+    ours = PplWindow(
+        redis_client, run_name, "math", capacity=64, min_window=8, refit_every_items=16, refit_every_s=60.0
+    )
+    await redis_client.set(ours.lock_key, "another replica's token", px=60_000)  # ours expired, theirs took over
+    assert not await ours.release_lock()
+    assert await redis_client.get(ours.lock_key) == b"another replica's token"
+    await redis_client.set(ours.lock_key, ours._token, px=60_000)
+    assert await ours.release_lock() and await redis_client.get(ours.lock_key) is None
