@@ -68,7 +68,7 @@ async def health(request: Request) -> JSONResponse:
 
 def create_app(cfg: RunConfig, metrics: LearnerMetrics, progress: Progress) -> FastAPI:
     """The learner's app: ``/health`` from ``progress``, ``/metrics`` from ``metrics``."""
-    app = FastAPI(title="dipo learner", version="1")
+    app = FastAPI(title="dipo learner", version="1", docs_url=None, redoc_url=None)  # /openapi.json stays
     app.state.progress, app.state.stall_s = progress, cfg.learner.health_stall_s
     app.mount("/metrics", metrics_asgi_app(metrics.component))
     app.add_api_route("/health", health, methods=["GET"], response_model=LearnerHealth)

@@ -22,11 +22,12 @@ from pydantic import ValidationError
 
 from reward_service.metrics import RewardMetrics
 from reward_service.scoring import CLOSED_FIT, FitStamp, score_group
+from reward_service.verifiers.base import Status, VerifyResult
 from reward_service.verify import Verifiers
 from reward_service.worker import RewardWorker
 from services.api_models import HealthResponse, ScoreRequest, ScoreResponse
 from services.config import RunConfig
-from services.http import bearer_auth, exit_on_failure, json_body_schema, read_body, unprocessable
+from services.http import bearer_auth, exit_on_failure, json_body_schema, limit_requests, read_body, unprocessable
 from services.metrics import metrics_asgi_app
 from services.protocol import PromptTask, ProtocolError, Response, RolloutGroup, Sampling, ScoredGroup
 from services.streams import async_client_from_config
@@ -34,6 +35,7 @@ from services.streams import async_client_from_config
 log = logging.getLogger(__name__)
 
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
+_DISCONNECT_POLL_S = 0.25
 _HEALTH_TASK = PromptTask(
     prompt_id="health",
     task_kind="math",
@@ -51,6 +53,10 @@ def _health_group() -> RolloutGroup:
         for t in texts
     ]
     return RolloutGroup(_HEALTH_TASK, np.array([1], np.uint32), responses, "health", time.time(), 0.0)
+
+
+_HEALTH_RESULTS = [VerifyResult(Status.CORRECT, 1.0, "4"), VerifyResult(Status.WRONG, 0.0, "5")]
+"""What the verifiers give the health group: /health scores these without queueing behind work."""
 
 
 def request_to_group(body: ScoreRequest) -> RolloutGroup:
@@ -116,7 +122,17 @@ def _worker(request: Request) -> RewardWorker:
 
 
 async def health(request: Request) -> JSONResponse:
-    """Score a known group end to end (verifier processes + scoring) and ping Redis."""
+    """Liveness, answered at once and never behind verification work: the stream worker runs, Redis answers, every
+    verifier's processes are up, and the scoring code scores known results right. ``/health/deep`` also verifies."""
+    return await _health(request, deep=False)
+
+
+async def deep_health(request: Request) -> JSONResponse:
+    """Score a known group end to end through the verifier processes (it waits in their queue like any request)."""
+    return await _health(request, deep=True)
+
+
+async def _health(request: Request, *, deep: bool) -> JSONResponse:
     worker = _worker(request)
     start = time.perf_counter()
     task: asyncio.Task[None] | None = request.app.state.worker_task
@@ -126,7 +142,12 @@ async def health(request: Request) -> JSONResponse:
             raise RuntimeError(f"the stream worker stopped ({error!r})")
         await cast(Awaitable[bool], worker.redis.ping())
         group = _health_group()
-        results = await worker.verify_all(group)
+        if deep:
+            results = await worker.verify_all(group)
+        else:
+            if not worker.verifiers.wait_ready(0.0):
+                raise RuntimeError("verifier processes are not up (starting or being replaced)")
+            results = _HEALTH_RESULTS
         scored = score_group(group, results, FitStamp(CLOSED_FIT), worker.cfg.reward, overlong_buffer=4)
         ok = list(scored.correct) == [1, 0]
         detail = "" if ok else f"health item scored {scored.status}"
@@ -154,10 +175,25 @@ async def score(request: Request) -> ScoreResponse:
     """Score one group synchronously: a JSON ScoreRequest, or a msgpack ``rollouts`` message."""
     worker = _worker(request)
     group = await _group_from(request, worker.cfg.reward.server.max_body_bytes)
+    scoring = asyncio.ensure_future(worker.score(group, update_window=False))
+    budget_s = worker.cfg.reward.request_timeout_s
+    deadline = time.monotonic() + budget_s
     try:
-        scored = await worker.score(group, update_window=False)
+        while not scoring.done():  # until scored, the client gone, or the request's verification budget spent
+            await asyncio.wait({scoring}, timeout=min(_DISCONNECT_POLL_S, max(0.0, deadline - time.monotonic())))
+            if scoring.done():
+                break
+            if await request.is_disconnected():
+                log.info("score request abandoned by its client: its queued verifications are cancelled")
+                raise HTTPException(499, "client closed the request")  # nobody reads this answer
+            if time.monotonic() >= deadline:
+                detail = f"verifying this request took over reward.request_timeout_s={budget_s:g} s"
+                raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT, detail)
+        scored = scoring.result()
     except ValueError as exc:
         raise unprocessable(exc) from exc
+    finally:
+        scoring.cancel()  # a no-op once done; otherwise its queued verifications never start
     return scored_to_response(scored)
 
 
@@ -202,9 +238,13 @@ def create_app(cfg: RunConfig, *, run_worker: bool = True) -> FastAPI:
             verifiers.close()
             await redis.aclose()
 
-    app = FastAPI(title="dipo reward service", version="1", lifespan=lifespan)
+    server = cfg.reward.server
+    docs = {"docs_url": "/docs", "redoc_url": "/redoc"} if server.docs else {"docs_url": None, "redoc_url": None}
+    app = FastAPI(title="dipo reward service", version="1", lifespan=lifespan, **docs)
+    limit_requests(app, server)
     app.mount("/metrics", metrics_asgi_app(metrics.component))
     app.add_api_route("/health", health, methods=["GET"], response_model=HealthResponse)
+    app.add_api_route("/health/deep", deep_health, methods=["GET"], response_model=HealthResponse)
     app.add_api_route("/v1/score", score, methods=["POST"], response_model=ScoreResponse, openapi_extra=_SCORE_BODY,
                       dependencies=[Depends(bearer_auth(cfg.reward.server.api_token))])  # fmt: skip
     return app

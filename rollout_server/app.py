@@ -41,7 +41,7 @@ from rollout_server.sync import WeightSync
 from rollout_server.worker import RolloutWorker
 from services.config import RunConfig
 from services.contracts import RunFolder, consumer_name
-from services.http import bearer_auth, exit_on_failure, json_body, read_model, unprocessable
+from services.http import bearer_auth, exit_on_failure, json_body, limit_requests, read_model, unprocessable
 from services.metrics import metrics_asgi_app
 from services.streams import clients_from_config
 
@@ -271,7 +271,10 @@ def create_app(
             if backend is None:
                 be.close()
 
-    app = FastAPI(title="dipo rollout server", version="1", lifespan=lifespan)
+    server = cfg.rollout.server
+    docs = {"docs_url": "/docs", "redoc_url": "/redoc"} if server.docs else {"docs_url": None, "redoc_url": None}
+    app = FastAPI(title="dipo rollout server", version="1", lifespan=lifespan, **docs)
+    limit_requests(app, server)
     app.mount("/metrics", metrics_asgi_app(metrics.component))
     admin = [Depends(bearer_auth(cfg.rollout.server.api_token))]
     app.add_api_route("/health", health, methods=["GET"], response_model=RolloutHealth)

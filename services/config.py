@@ -172,6 +172,17 @@ class ServerConfig(_Section):
         None, description="Bearer token required on mutating endpoints when set (prefer DIPO_..._API_TOKEN)."
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="A request body not received whole within this is answered 408 (slow senders)."
+    )
+    max_concurrent_requests: int = Field(
+        32,
+        ge=1,
+        le=100_000,
+        description="/v1/ requests handled at once; more are answered 503 at once (health and "
+        "metrics are never limited).",
+    )
+    docs: bool = Field(False, description="Serve the interactive /docs and /redoc pages (development only).")
 
 
 # --- components -----------------------------------------------------------------------------------------------------
@@ -281,6 +292,13 @@ class RewardConfig(_Section):
     replicas: int = Field(1, ge=0, le=256, description="Reward service processes `dipo run` starts.")
     verifier_workers: int = Field(2, ge=1, le=256, description="Verifier processes per replica.")
     verify_timeout_s: float = Field(5.0, gt=0, le=600, description="Hard timeout of one verification, seconds.")
+    request_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="POST /v1/score: the whole request's verification budget; 504 past it (its "
+        "queued verifications are cancelled, as when the client disconnects).",
+    )
     timeout_as_wrong: bool = Field(
         True, description="Score timeout/error as wrong (counted and warned about); False drops the group."
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -65,8 +66,24 @@ def bearer_auth(token: str | None) -> Callable[[Request], None]:
     return check
 
 
+BODY_TIMEOUT_S = 30.0
+"""How long a request body may take to arrive unless the app sets ``state.body_timeout_s``."""
+
+
 async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refusing (413) anything over ``max_bytes`` before reading it whole."""
+    """The request body, refusing (413) anything over ``max_bytes`` before reading it whole, and (408) a body that
+    has not arrived within the app's body timeout: a client trickling bytes cannot hold a connection for ever."""
+    deadline_s = float(getattr(request.app.state, "body_timeout_s", BODY_TIMEOUT_S))
+    try:
+        async with asyncio.timeout(deadline_s):
+            return await _read_body(request, max_bytes)
+    except TimeoutError as exc:
+        raise HTTPException(
+            status.HTTP_408_REQUEST_TIMEOUT, f"request body not received within {deadline_s:g} s"
+        ) from exc
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -114,6 +131,44 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
+
+
+class ConcurrencyLimit:
+    """ASGI middleware: at most ``limit`` ``/v1/`` requests in flight; one more is answered 503 at once.
+
+    Work is bounded per request (body size and time, verification time); this bounds how many there are, so a flood
+    cannot queue unbounded work. ``/health`` and ``/metrics`` are not counted: a probe never waits behind work.
+    """
+
+    def __init__(self, app: Any, limit: int, prefix: str = "/v1/") -> None:
+        self.app = app
+        self.limit = limit
+        self.prefix = prefix
+        self.active = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not str(scope.get("path", "")).startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            body = json.dumps({"detail": f"busy: {self.limit} requests in flight; retry shortly"}).encode()
+            headers = [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                       (b"content-length", str(len(body)).encode())]  # fmt: skip
+            await send({"type": "http.response.start", "status": status.HTTP_503_SERVICE_UNAVAILABLE,
+                        "headers": headers})  # fmt: skip
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+def limit_requests(app: Any, server: Any) -> None:
+    """Apply a ``ServerConfig``'s request limits to a FastAPI app: body timeout and concurrent ``/v1/`` requests."""
+    app.state.body_timeout_s = server.body_timeout_s
+    app.add_middleware(ConcurrencyLimit, limit=server.max_concurrent_requests)
 
 
 def exit_on_failure(app: Any, task: asyncio.Task[Any], what: str) -> None:
