@@ -25,7 +25,7 @@ from reward_service.scoring import CLOSED_FIT, FitStamp, score_group
 from reward_service.verifiers.base import Status, VerifyResult
 from reward_service.verify import Verifiers
 from reward_service.worker import RewardWorker
-from services.api_models import HealthResponse, ScoreRequest, ScoreResponse
+from services.api_models import HealthResponse, ScoreRequest, ScoreResponse, task_size_problem
 from services.config import RunConfig
 from services.http import bearer_auth, exit_on_failure, json_body_schema, limit_requests, read_body, unprocessable
 from services.metrics import metrics_asgi_app
@@ -165,7 +165,11 @@ async def _group_from(request: Request, max_bytes: int) -> RolloutGroup:
     body = await read_body(request, max_bytes)
     try:
         if content_type in MSGPACK_TYPES:
-            return RolloutGroup.from_bytes(body, max_bytes=max_bytes)
+            group = RolloutGroup.from_bytes(body, max_bytes=max_bytes)
+            problem = task_size_problem(group.task.ground_truth, group.task.tools)
+            if problem is not None:
+                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, problem)
+            return group
         return request_to_group(ScoreRequest.model_validate_json(body))
     except (ValidationError, ProtocolError) as exc:
         raise unprocessable(exc) from exc

@@ -7,6 +7,7 @@ service allocate without limit. ``POST /v1/score`` also accepts the ``rollouts``
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -19,6 +20,10 @@ MAX_RESPONSES = 1024
 MAX_TOKENS = 262_144
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_GROUND_TRUTH_CHARS = 65_536
+"""A ground truth as JSON: a math answer or a BFCL call list is far smaller; the function-call checker's cost grows
+with it (its options times the calls), so the caller cannot make it unbounded."""
+MAX_TOOLS_CHARS = 262_144
 
 
 class _Body(BaseModel):
@@ -68,6 +73,22 @@ class TaskBody(_Body):
     tools: list[dict[str, Any]] = Field(default_factory=list, max_length=256)
     category: str = Field("", max_length=128)
     sampling: SamplingBody = Field(default_factory=SamplingBody)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Self:
+        problem = task_size_problem(self.ground_truth, self.tools)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+
+def task_size_problem(ground_truth: Any, tools: list[dict[str, Any]]) -> str | None:
+    """Why a task's ground truth or tools are too large to verify against (as JSON), or None."""
+    for what, value, cap in (("ground_truth", ground_truth, MAX_GROUND_TRUTH_CHARS), ("tools", tools, MAX_TOOLS_CHARS)):
+        size = len(json.dumps(value, ensure_ascii=False, default=str))
+        if size > cap:
+            return f"{what} is {size} characters as JSON, more than the cap of {cap}"
+    return None
 
 
 class ResponseBody(_Body):

@@ -144,3 +144,17 @@ def test_the_interactive_docs_are_off_and_the_schema_stays(service: str) -> None
     assert httpx.get(f"{service}/docs", timeout=10).status_code == 404
     assert httpx.get(f"{service}/redoc", timeout=10).status_code == 404
     assert httpx.get(f"{service}/openapi.json", timeout=10).status_code == 200
+
+
+def test_a_ground_truth_or_tools_beyond_their_caps_are_refused(service: str) -> None:
+    calls = [{"f": {"x": list(range(2000))}} for _ in range(20)]  # about 200 kB of options for the checker
+    task = {"task_kind": "function_call", "ground_truth": calls, "messages": [{"role": "user", "content": "go"}],
+            "tools": [{"name": "f", "parameters": {"type": "object", "properties": {}}}]}  # fmt: skip
+    resp = httpx.post(f"{service}/v1/score", json={"task": task, "responses": [{"text": "[f(x=1)]"}]}, headers=AUTH,
+                      timeout=10)  # fmt: skip
+    assert resp.status_code == 422 and "ground_truth is" in resp.text and "cap of 65536" in resp.text, resp.text[:500]
+    task |= {"ground_truth": [{"f": {"x": [1]}}], "tools": [{"name": f"t{i}", "description": "d" * 2000}
+                                                            for i in range(200)]}  # fmt: skip
+    resp = httpx.post(f"{service}/v1/score", json={"task": task, "responses": [{"text": "[f(x=1)]"}]}, headers=AUTH,
+                      timeout=10)  # fmt: skip
+    assert resp.status_code == 422 and "tools is" in resp.text, resp.text[:500]
