@@ -304,21 +304,59 @@ def _significance(diff: Estimate) -> str:
     return f"the 95 % interval over seeds {'excludes' if excludes else 'includes'} 0"
 
 
+MIN_FIRINGS = 20
+"""A mechanism check needs its mechanism to have fired at least this often (reallocations summed over the seeds of
+the arm(s) it is about) before it may say "as in the paper" or "not": fewer, and the arms barely differ."""
+
+
+def verdict(diff: Estimate, agrees: bool, fired: float | None = None) -> str:
+    """``as in the paper`` / ``not as in the paper`` only when the interval over seeds of ``diff`` excludes 0 and
+    the mechanism fired at least MIN_FIRINGS times; ``inconclusive`` otherwise (one seed gives no interval), and
+    ``no data`` without a difference at all. ``agrees``: the paper's direction, judged on the means."""
+    if diff.mean is None:
+        return "no data"
+    if fired is not None and fired < MIN_FIRINGS:
+        return "inconclusive"
+    if diff.low is None or diff.high is None or diff.low <= 0 <= diff.high:
+        return "inconclusive"
+    return "as in the paper" if agrees else "not as in the paper"
+
+
+def _fired(windows: dict[str, Any], arm: str) -> float:
+    """Reallocations of ``arm`` (reward and penalty), summed over its seeds."""
+    total = 0.0
+    for key in REALLOCATIONS:
+        value = Estimate.from_dict(windows[arm][f"{key}_total"])
+        if value.mean is not None:
+            total += value.mean * value.n
+    return total
+
+
+def _why(verdict_text: str, diff: Estimate, fired: float | None) -> str:
+    if verdict_text != "inconclusive":
+        return ""
+    if fired is not None and fired < MIN_FIRINGS:
+        return f"; inconclusive: the mechanism fired {fired:.0f} times (fewer than {MIN_FIRINGS})"
+    return "; inconclusive: the interval over seeds includes 0 (or there is one seed)"
+
+
 def figure5_check(windows: dict[str, Any]) -> dict[str, Any]:
     """Figure 5: with only the max-PPL reward, entropy stays above the run with only the max-PPL penalty."""
     ro = Estimate.from_dict(windows["reward-only"]["entropy"]["late"])
     po = Estimate.from_dict(windows["penalty-only"]["entropy"]["late"])
     diff = _paired_late(windows, "reward-only", "penalty-only", "entropy")
-    verdict = "no data" if diff.mean is None else "as in the paper" if diff.mean > 0 else "not as in the paper"
+    fired = _fired(windows, "reward-only") + _fired(windows, "penalty-only")
+    outcome = verdict(diff, diff.mean is not None and diff.mean > 0, fired)
     detail = f"late entropy: reward-only {describe(ro)}, penalty-only {describe(po)}; difference {describe(diff)}"
     return {
         "id": "figure5_entropy",
         "title": "Figure 5: entropy, max-PPL reward only vs max-PPL penalty only",
         "expected": "late-window entropy of reward-only above penalty-only",
-        "values": {"reward-only": ro.to_dict(), "penalty-only": po.to_dict(), "difference": diff.to_dict()},
-        "verdict": verdict,
-        "detail": detail + ("" if diff.mean is None else f"; {_significance(diff)}"),
-    }
+        "values": {"reward-only": ro.to_dict(), "penalty-only": po.to_dict(), "difference": diff.to_dict(),
+                   "reallocations": fired},
+        "verdict": outcome,
+        "detail": detail + ("" if diff.mean is None else f"; {_significance(diff)}") + _why(outcome, diff, fired),
+    }  # fmt: skip
 
 
 def figure7_check(windows: dict[str, Any]) -> dict[str, Any]:
@@ -328,10 +366,11 @@ def figure7_check(windows: dict[str, Any]) -> dict[str, Any]:
     dapo = Estimate.from_dict(windows["dapo"]["ppl_gap"]["late"])
     dapo_early = Estimate.from_dict(windows["dapo"]["ppl_gap"]["early"])
     diff = _paired_late(windows, "dipo", "dapo", "ppl_gap")
+    fired = _fired(windows, "dipo")
     if dipo.mean is None or dapo.mean is None:
-        verdict = "no data"
+        outcome = "no data"
     else:
-        verdict = "as in the paper" if dipo.mean > 0 and dipo.mean > dapo.mean else "not as in the paper"
+        outcome = verdict(diff, dipo.mean > 0 and dipo.mean > dapo.mean, fired)
     shrank = None if dapo.mean is None or dapo_early.mean is None else abs(dapo.mean) < abs(dapo_early.mean)
     trend = "" if shrank is None else ", shrinking" if shrank else ", not shrinking"
     detail = (
@@ -348,9 +387,10 @@ def figure7_check(windows: dict[str, Any]) -> dict[str, Any]:
             "dapo_early": dapo_early.to_dict(),
             "difference": diff.to_dict(),
             "dapo_gap_shrank": shrank,
+            "reallocations": fired,
         },
-        "verdict": verdict,
-        "detail": detail + ("" if diff.mean is None else f"; {_significance(diff)}"),
+        "verdict": outcome,
+        "detail": detail + ("" if diff.mean is None else f"; {_significance(diff)}") + _why(outcome, diff, fired),
     }
 
 

@@ -41,11 +41,14 @@ from runner.experiment.plan import (
 from runner.experiment.report import SECTIONS, build_experiment_report
 from runner.experiment.stats import (
     METRICS,
+    MIN_FIRINGS,
+    Estimate,
     build_summary,
     estimate,
     load_runs,
     moving_average,
     t_quantile,
+    verdict,
     window_bounds,
     window_mean,
 )
@@ -429,11 +432,12 @@ def test_report_mechanism_checks_and_alpha_table(synthetic: tuple[ExperimentPlan
     summary = synthetic[1]
     checks = {c["id"]: c for c in summary["checks"]}
     fig5 = checks["figure5_entropy"]
-    assert fig5["verdict"] == "as in the paper"
+    assert fig5["verdict"] == "inconclusive"  # the mean difference is the paper's, but its interval includes 0
     assert fig5["values"]["difference"]["mean"] == pytest.approx(0.5)
     assert "includes 0" in fig5["detail"]  # two seeds (0.4 and 0.6): a wide t interval
     fig7 = checks["figure7_perplexity_gap"]
-    assert fig7["verdict"] == "as in the paper"
+    assert fig7["verdict"] == "inconclusive"
+    assert "fired 12 times (fewer than 20)" in fig7["detail"]  # 6 reallocations per run, 2 seeds
     assert fig7["values"]["dipo"]["mean"] == pytest.approx(1.0) and fig7["values"]["dapo"]["mean"] == pytest.approx(0.1)
     assert fig7["values"]["dapo_gap_shrank"] is True
     assert [(r["arm"], r["alpha"]) for r in summary["alpha_sensitivity"]] == [
@@ -456,8 +460,25 @@ def test_checks_say_when_the_paper_is_not_reproduced(tmp_path: Path) -> None:
         }
         write_metrics(run.run_dir, [line(s, **values) for s in (1, 2, 3)])
     summary = build_summary(plan, load_runs(plan))
-    assert [c["verdict"] for c in summary["checks"]] == ["not as in the paper", "not as in the paper"]
+    assert [c["verdict"] for c in summary["checks"]] == ["inconclusive", "inconclusive"]  # one seed: no interval
     assert "one seed: no interval" in summary["checks"][0]["detail"]
+
+
+@pytest.mark.parametrize(
+    ("diff", "agrees", "fired", "expected"),
+    [
+        (Estimate(0.5, 0.1, 0.3, 0.7, 3), True, 100, "as in the paper"),
+        (Estimate(-0.5, 0.1, -0.7, -0.3, 3), False, 100, "not as in the paper"),
+        (Estimate(0.5, 0.4, -0.1, 1.1, 3), True, 100, "inconclusive"),  # the interval includes 0
+        (Estimate(0.5, None, None, None, 1), True, 100, "inconclusive"),  # one seed
+        (Estimate(0.5, 0.1, 0.3, 0.7, 3), True, MIN_FIRINGS - 1, "inconclusive"),  # the mechanism barely fired
+        (Estimate(None, None, None, None, 0), True, 100, "no data"),
+    ],
+)
+def test_a_verdict_needs_an_interval_that_excludes_0_and_enough_firings(
+    diff: Estimate, agrees: bool, fired: float, expected: str
+) -> None:
+    assert verdict(diff, agrees, fired) == expected
 
 
 def test_report_pages_hold_every_arm_table_and_plot(synthetic: tuple[ExperimentPlan, dict[str, Any]]) -> None:
