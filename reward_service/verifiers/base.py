@@ -3,13 +3,8 @@ every verifier returns: a status, a score and the answer it extracted."""
 
 from __future__ import annotations
 
-import contextlib
-import heapq
-import itertools
-import threading
-import time
 from abc import ABC, abstractmethod
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -69,51 +64,6 @@ def done(result: VerifyResult) -> Future[VerifyResult]:
     future: Future[VerifyResult] = Future()
     future.set_result(result)
     return future
-
-
-def settle(future: Future[VerifyResult], result: VerifyResult) -> None:
-    """Resolve ``future`` with ``result`` unless it is resolved already (the check and its deadline race)."""
-    with contextlib.suppress(InvalidStateError):
-        future.set_result(result)
-
-
-class Deadlines:
-    """One thread that resolves futures still pending at their deadline with a given result (``timeout``)."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Future[VerifyResult], VerifyResult]] = []
-        self._counter = itertools.count()
-        self._wake = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="verifier-deadlines", daemon=True)
-        self._thread.start()
-
-    def add(self, timeout_s: float, future: Future[VerifyResult], result: VerifyResult) -> None:
-        """Resolve ``future`` with ``result`` after ``timeout_s`` unless it is done by then."""
-        with self._wake:
-            heapq.heappush(self._heap, (time.monotonic() + timeout_s, next(self._counter), future, result))
-            self._wake.notify()
-
-    def _run(self) -> None:
-        with self._wake:
-            while not self._closed:
-                while self._heap and self._heap[0][2].done():
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._wake.wait()
-                    continue
-                wait_s = self._heap[0][0] - time.monotonic()
-                if wait_s > 0:
-                    self._wake.wait(wait_s)
-                    continue
-                _, _, future, result = heapq.heappop(self._heap)
-                settle(future, result)
-
-    def close(self) -> None:
-        """Stop the thread; pending deadlines are dropped."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
 
 
 class Verifier(ABC):

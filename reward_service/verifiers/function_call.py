@@ -51,11 +51,13 @@ import logging
 import math
 import re
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from reward_service.verifiers.base import Deadlines, Question, Status, Verifier, VerifyResult, settle
+from reward_service.verifiers.base import Question, Status, Verifier, VerifyResult
+from reward_service.verifiers.function_call_worker import worker_main
+from reward_service.verifiers.pool import PoolJob, WorkerPool
 from services.config import RewardConfig
 
 MAX_ANSWER_CHARS = 64 * 1024
@@ -66,7 +68,7 @@ MAX_NAME_CHARS = 256
 MAX_EXTRACTED_CHARS = 2048
 
 logger = logging.getLogger(__name__)
-_TIMEOUT_DETAIL = "function-call check exceeded its time bound"
+TIMEOUT_DETAIL = "function-call check exceeded its time bound"
 
 _THINK_END = "</think>"
 _THINK_START = "<think>"
@@ -609,17 +611,26 @@ def question_calls(question: Question) -> list[dict[str, Any]]:
 
 
 class FunctionCallVerifier(Verifier):
-    """Checks calls on a small thread pool: parsing is bounded by construction (size and depth caps), and a check
-    still running at its deadline resolves as ``timeout``."""
+    """Checks calls in a pool of killable worker processes (``reward_service.verifiers.pool``): parsing is bounded
+    by construction (size and depth caps), but a check's cost grows with what the caller sends, so a check still
+    running at its deadline ends as ``timeout`` and, past the kill grace, its worker is killed and replaced."""
 
-    def __init__(self, *, partial_credit: bool = False, workers: int = 2) -> None:
+    def __init__(
+        self,
+        *,
+        partial_credit: bool = False,
+        workers: int = 2,
+        start_method: Literal["forkserver", "spawn"] = "forkserver",
+        memory_limit_mb: int = 1024,
+    ) -> None:
         self.partial_credit = partial_credit
-        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="function-call-verifier")
-        self._deadlines = Deadlines()
+        preload = ["reward_service.verifiers.function_call"]
+        self._pool = WorkerPool("function-call", worker_main, (memory_limit_mb,), num_workers=max(1, workers),
+                                start_method=start_method, preload=preload)  # fmt: skip
 
     @classmethod
     def from_config(cls, cfg: RewardConfig) -> FunctionCallVerifier:
-        """One replica's verifier: its partial-credit rule and as many threads as verifier workers."""
+        """One replica's verifier: its partial-credit rule and as many processes as verifier workers."""
         return cls(partial_credit=cfg.function_call_partial_credit, workers=cfg.verifier_workers)
 
     @classmethod
@@ -633,24 +644,34 @@ class FunctionCallVerifier(Verifier):
         question_calls(question)
 
     def check(self, response: str, question: Question, timeout_s: float) -> Future[VerifyResult]:
-        """Verify on the pool; the future resolves with ``timeout`` if the check is still running at the deadline."""
+        """Queue one check; the future resolves with ``timeout`` when it outlives ``timeout_s``."""
         truth = question_calls(question)
-        tools, category = list(question.tools), question.category or "simple_python"
-        outcome: Future[VerifyResult] = Future()
+        fields = (response, json.dumps(list(question.tools)), json.dumps(truth), question.category or "simple_python",
+                  1.0 if self.partial_credit else 0.0, timeout_s)  # fmt: skip
 
-        def run() -> None:
-            try:
-                result = verify_function_call(response, tools, truth, category, partial_credit=self.partial_credit)
-            except Exception as exc:  # a verifier bug must not take the replica down; counted as `error`
-                logger.exception("function-call verifier failed")
-                result = VerifyResult(Status.ERROR, 0.0, None, f"{type(exc).__name__}: {exc}")
-            settle(outcome, result)
+        def decode(reply: list[Any]) -> VerifyResult:
+            status, score, extracted, detail = reply
+            return VerifyResult(Status(str(status)), float(score), None if extracted is None else str(extracted),
+                                str(detail))  # fmt: skip
 
-        self._pool.submit(run)
-        self._deadlines.add(timeout_s, outcome, VerifyResult(Status.TIMEOUT, 0.0, None, _TIMEOUT_DETAIL))
-        return outcome
+        def failed(status: Status, detail: str) -> VerifyResult:
+            return VerifyResult(status, 0.0, None, TIMEOUT_DETAIL if status is Status.TIMEOUT else detail)
+
+        return self._pool.submit(PoolJob(fields, timeout_s, Future(), decode, failed))
+
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        """Block until the worker processes are up; True when all are."""
+        return self._pool.wait_ready(timeout_s)
+
+    @property
+    def worker_restarts(self) -> int:
+        """Workers started beyond the initial ones (kills, crashes)."""
+        return self._pool.worker_restarts
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the workers that are currently ready."""
+        return self._pool.worker_pids()
 
     def close(self) -> None:
-        """Stop the threads (a check still running finishes in the background)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._deadlines.close()
+        """Stop the workers (asking first, then SIGKILL); checks still queued resolve as ``error``."""
+        self._pool.close()

@@ -2,35 +2,27 @@
 
 Extraction (last ``\\boxed{}``/``\\fbox{}``, then the configured fallbacks) is cheap, linear and runs in the
 caller's thread. The comparison (math-verify's ``parse`` + ``verify``, i.e. sympy) can take unbounded time on
-adversarial answers, so it runs in worker processes: each worker arms its own interval timer (a soft timeout that
-keeps the worker alive), and the parent gives up ``kill_grace_s`` later, SIGKILLs the worker and starts a
-replacement. ``concurrent.futures.ProcessPoolExecutor`` is not used because it cannot kill one stuck worker.
+adversarial answers, so it runs in the killable worker processes of ``reward_service.verifiers.pool``: each worker
+arms its own interval timer (a soft timeout that keeps the worker alive), and the pool gives up ``kill_grace_s``
+later, SIGKILLs the worker and starts a replacement.
 
-Only tuples of str/float cross the process boundary, JSON-encoded over pipes (no pickles of our own).
+Only lists of str/float cross the process boundary, JSON-encoded over pipes (no pickles of our own).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import multiprocessing
 import queue
 import re
-import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from multiprocessing.context import ForkServerContext, SpawnContext
-from multiprocessing.process import BaseProcess
-from typing import Literal
+from typing import Any, Literal
 
 from reward_service.verifiers.base import Question, Status, Verifier, VerifyResult, done
-from reward_service.verifiers.math_worker import decode_message, encode_message, worker_main
+from reward_service.verifiers.math_worker import worker_main
+from reward_service.verifiers.pool import PoolJob, WorkerPool
 from services.config import RewardConfig
-
-logger = logging.getLogger(__name__)
 
 KNOWN_FALLBACKS = ("answer_line", "hashes")
 ANSWER_FORMS = ("auto", "number", "any")
@@ -39,7 +31,6 @@ _BOX_MARKERS = ("\\boxed", "\\fbox")
 _BRACE_EVENTS = re.compile(r"\\.|[{}]", re.DOTALL)
 _OPENERS = frozenset("{([")
 _CLOSERS = frozenset("})]")
-_POLL_S = 0.5
 # A number literal: an optional sign, then an integer (digits, or thousands groups with `,` or LaTeX `{,}`), a
 # decimal, a fraction `a/b` or `\frac{a}{b}`; around it optionally `x=` and `\$` before, `%`/`\%` and a unit in
 # `\text{}`/`\mbox{}`/`\mathrm{}` after. Spaces and LaTeX spacing are removed first.
@@ -251,139 +242,6 @@ def _result(status: Status, extracted: str | None, detail: str = "") -> VerifyRe
     )
 
 
-@dataclass(slots=True)
-class _Job:
-    answer: str
-    source: str
-    gold: str
-    timeout_s: float
-    future: Future[VerifyResult]
-    form_problem: str | None = None
-    """Why the answer has the wrong form (answer_form): an equal answer of the wrong form is ``wrong``."""
-
-
-def _fail(job: _Job, detail: str) -> None:
-    if job.future.set_running_or_notify_cancel():
-        job.future.set_result(_result(Status.ERROR, job.answer, detail))
-
-
-class _Slot:
-    """One worker process, its pipe, and the thread that feeds it jobs and replaces it when it dies or hangs."""
-
-    def __init__(self, pool: MathVerifier, index: int) -> None:
-        self._pool = pool
-        self.index = index
-        self.process: BaseProcess | None = None
-        self._conn: Connection | None = None
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"math-verifier-slot-{index}", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            while not self._pool.closed:
-                if not self._ensure_worker():
-                    if not self._pool.closed:
-                        self._fail_next_job("math worker failed to start")
-                    continue
-                job = self._pool.take_job()
-                if job is None or not job.future.set_running_or_notify_cancel():
-                    continue
-                job.future.set_result(self._run_job(job))
-        finally:
-            self._stop_worker()
-
-    def _ensure_worker(self) -> bool:
-        """Start (or restart) the worker unless a live one is attached; True once it reported ready."""
-        if self.process is not None and self.process.is_alive():
-            return True
-        if self.process is not None:
-            logger.warning("math worker %s died while idle (exit code %s)", self.pid, self._discard_worker())
-        parent_conn, child_conn = self._pool.context.Pipe(duplex=True)
-        process = self._pool.context.Process(
-            target=worker_main, args=(child_conn, *self._pool.worker_args), name=f"math-worker-{self.index}"
-        )
-        process.daemon = True
-        process.start()
-        child_conn.close()
-        self.process, self._conn = process, parent_conn
-        self._pool.count_start()
-        if self._await_ready(parent_conn):
-            self.ready.set()
-            return True
-        if not self._pool.closed:
-            logger.error("math worker %s not ready within %.0f s", process.pid, self._pool.start_timeout_s)
-        self._kill_worker()
-        return False
-
-    def _await_ready(self, conn: Connection) -> bool:
-        """Wait for the worker's warm-up message, giving up early when the pool closes."""
-        deadline = time.monotonic() + self._pool.start_timeout_s
-        try:
-            while not self._pool.closed and time.monotonic() < deadline:
-                if conn.poll(_POLL_S):
-                    return decode_message(conn.recv_bytes()) == ["ready"]
-        except (EOFError, OSError, ValueError):
-            pass
-        return False
-
-    def _run_job(self, job: _Job) -> VerifyResult:
-        assert self._conn is not None, "a job runs only on a ready worker"
-        deadline = job.timeout_s + self._pool.options.kill_grace_s
-        try:
-            self._conn.send_bytes(encode_message("verify", job.answer, job.source, job.gold, job.timeout_s))
-            if self._conn.poll(deadline):
-                status, detail = decode_message(self._conn.recv_bytes())
-                if Status(str(status)) is Status.CORRECT and job.form_problem is not None:
-                    return _result(Status.WRONG, job.answer, job.form_problem)
-                return _result(Status(str(status)), job.answer, str(detail))
-        except (EOFError, OSError, ValueError) as exc:  # a dead worker, or a reply that is not (status, detail)
-            exit_code = self._kill_worker()
-            return _result(Status.ERROR, job.answer, f"math worker failed (exit code {exit_code}): {exc!r}")
-        logger.warning("math worker %s gave no reply within %.1f s; killing it", self.pid, deadline)
-        self._kill_worker()
-        return _result(Status.TIMEOUT, job.answer, f"no reply within {deadline:g} s: worker killed and replaced")
-
-    def _fail_next_job(self, detail: str) -> None:
-        """Resolve one waiting job with ``error`` so callers never wait on a pool that cannot start workers."""
-        job = self._pool.take_job()
-        if job is not None:
-            _fail(job, detail)
-
-    @property
-    def pid(self) -> int | None:
-        """Process id of the attached worker, if any."""
-        return self.process.pid if self.process is not None else None
-
-    def _kill_worker(self) -> int | None:
-        if self.process is not None and self.process.is_alive():
-            self.process.kill()
-        return self._discard_worker()
-
-    def _discard_worker(self) -> int | None:
-        """Reap and forget the worker; returns its exit code (None if it could not be reaped)."""
-        self.ready.clear()
-        exit_code = None
-        if self.process is not None:
-            self.process.join(timeout=5.0)
-            exit_code = self.process.exitcode
-            if exit_code is not None:
-                self.process.close()
-        if self._conn is not None:
-            self._conn.close()
-        self.process, self._conn = None, None
-        return exit_code
-
-    def _stop_worker(self) -> None:
-        """Ask the worker to exit, and kill it if it does not within a second."""
-        if self._conn is not None and self.process is not None and self.process.is_alive():
-            try:
-                self._conn.send_bytes(encode_message("stop"))
-                self.process.join(timeout=1.0)
-            except OSError:
-                pass
-        self._kill_worker()
-
-
 class MathVerifier(Verifier):
     """A pool of math-verify worker processes with a hard per-item timeout; thread-safe, close() when done."""
 
@@ -410,67 +268,35 @@ class MathVerifier(Verifier):
         start_timeout_s: float = 60.0,
         memory_limit_mb: int = 2048,
     ) -> None:
-        if num_workers < 1 or max_pending < 1:
-            raise ValueError("num_workers and max_pending must be >= 1")
         self.options = options or MathVerifyOptions()
-        self.start_timeout_s = start_timeout_s
-        self.context: ForkServerContext | SpawnContext
-        if start_method == "forkserver":
-            self.context = multiprocessing.get_context("forkserver")
-            # Workers forked from a server that already imported sympy start fast, which keeps the replacement
-            # of a killed worker cheap. Ignored when this process's forkserver already runs.
-            self.context.set_forkserver_preload(["math_verify"])
-        else:
-            self.context = multiprocessing.get_context("spawn")
-        self.worker_args = (self.options.float_rounding, self.options.numeric_precision, memory_limit_mb)
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._capacity = threading.BoundedSemaphore(max_pending)
-        self._lock = threading.Lock()
-        self._closed = False
-        self._starts = 0
-        self._slots = [_Slot(self, index) for index in range(num_workers)]
-        for slot in self._slots:
-            slot.thread.start()
+        args = (self.options.float_rounding, self.options.numeric_precision, memory_limit_mb)
+        self._pool = WorkerPool("math", worker_main, args, num_workers=num_workers, max_pending=max_pending,
+                                start_method=start_method, start_timeout_s=start_timeout_s,
+                                kill_grace_s=self.options.kill_grace_s, preload=["math_verify"])  # fmt: skip
 
     @property
     def closed(self) -> bool:
         """True once close() was called."""
-        return self._closed
+        return self._pool.closed
 
     @property
     def worker_restarts(self) -> int:
         """Workers started beyond the initial ones (kills, crashes, failed starts): a metric for the service."""
-        with self._lock:
-            return max(0, self._starts - len(self._slots))
-
-    def count_start(self) -> None:
-        """Called by a slot each time it starts a worker process."""
-        with self._lock:
-            self._starts += 1
+        return self._pool.worker_restarts
 
     def worker_pids(self) -> list[int]:
         """Process ids of the workers that are currently ready."""
-        return [pid for slot in self._slots if slot.ready.is_set() and (pid := slot.pid) is not None]
+        return self._pool.worker_pids()
 
     def wait_ready(self, timeout_s: float | None = None) -> bool:
         """Block until every worker has warmed up (or the timeout passes); True when all are ready."""
-        return all(slot.ready.wait(timeout_s) for slot in self._slots)
-
-    def take_job(self) -> _Job | None:
-        """Next queued job for a slot, or None after a short wait (so slots notice close() and dead workers)."""
-        try:
-            job = self._jobs.get(timeout=_POLL_S)
-        except queue.Empty:
-            return None
-        if job is not None:
-            self._capacity.release()
-        return job
+        return self._pool.wait_ready(timeout_s)
 
     def submit(
         self, response: str, gold: str, timeout_s: float | None = None, *, block: bool = True
     ) -> Future[VerifyResult]:
         """Extract the answer now and queue its comparison; queue.Full when the queue is full and block is False."""
-        if self._closed:
+        if self._pool.closed:
             raise RuntimeError("MathVerifier is closed")
         opts = self.options
         extraction = extract_answer(response, opts)
@@ -482,21 +308,20 @@ class MathVerifier(Verifier):
         problem = problem or shape_problem(gold_text, "gold answer", opts.max_gold_chars, opts.max_bracket_depth)
         if problem is not None:
             return done(_result(Status.UNPARSABLE, None if len(answer) > opts.max_answer_chars else answer, problem))
-        if not self._capacity.acquire(blocking=block):
-            raise queue.Full("math verifier queue is full")
         budget_s = opts.timeout_s if timeout_s is None else timeout_s
-        if budget_s <= 0:
-            raise ValueError(f"timeout_s must be > 0 seconds, got {budget_s}")
         # Fallback lines are prose ("Answer: the total is 12"), read by math-verify's own extraction; the rule is
         # about what a model puts in its box.
         form = answer_form_problem(answer, gold_text, opts.answer_form) if extraction.source == "boxed" else None
-        job = _Job(answer, extraction.source, gold_text, budget_s, Future(), form)
-        with self._lock:
-            if self._closed:
-                self._capacity.release()
-                raise RuntimeError("MathVerifier is closed")
-            self._jobs.put(job)
-        return job.future
+
+        def decode(reply: list[Any]) -> VerifyResult:
+            status, detail = Status(str(reply[0])), str(reply[1])
+            if status is Status.CORRECT and form is not None:  # equal, but not in the answer form the task asks
+                return _result(Status.WRONG, answer, form)
+            return _result(status, answer, detail)
+
+        job = PoolJob((answer, extraction.source, gold_text, budget_s), budget_s, Future(), decode,
+                      lambda status, detail: _result(status, answer, detail))  # fmt: skip
+        return self._pool.submit(job, block=block)
 
     def check(self, response: str, question: Question, timeout_s: float) -> Future[VerifyResult]:
         """The Verifier entry point: ``submit`` against the question's gold answer."""
@@ -517,22 +342,7 @@ class MathVerifier(Verifier):
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the workers (asking first, then SIGKILL) and fail every job still queued with ``error``."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        for _ in self._slots:
-            self._jobs.put(None)
-        for slot in self._slots:
-            slot.thread.join(timeout_s)
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                self._capacity.release()
-                _fail(job, "math verifier closed before this item ran")
+        self._pool.close(timeout_s)
 
     def __enter__(self) -> MathVerifier:
         return self

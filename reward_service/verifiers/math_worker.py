@@ -1,44 +1,20 @@
 """The worker-process side of the math verifier: math-verify comparisons under a soft interval timer.
 
-Runs inside the pool processes that ``reward_service.verifiers.math.MathVerifier`` starts and kills; only
-JSON-encoded tuples of str/float cross the pipe.
+Runs inside the pool processes (``reward_service.verifiers.pool``) that ``MathVerifier`` starts and kills; only
+JSON-encoded lists of str/float cross the pipe.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import resource
-import signal
 from multiprocessing.connection import Connection
-from types import FrameType
 
 from reward_service.verifiers.base import Status
+from reward_service.verifiers.pool import SoftTimeout, prepare_worker, serve_requests, soft_deadline
 
 # First comparisons of each kind fill sympy's caches (up to ~0.8 s each); paying that at worker start keeps it out
 # of the first real items' latency and timeout.
 _WARM_UP = (("\\frac{1}{2}", "0.5"), ("2\\sqrt{2}", "\\sqrt{10}"), ("[1, 2)", "(1, 2]"), ("x^2+1", "(x+1)^2"))
-
-
-class _SoftTimeout(BaseException):
-    """Raised by the worker's interval timer; a BaseException so math-verify's ``except Exception`` lets it pass."""
-
-
-def _on_alarm(signum: int, frame: FrameType | None) -> None:
-    raise _SoftTimeout
-
-
-def encode_message(*fields: str | float) -> bytes:
-    """One pool message."""
-    return json.dumps(fields).encode()
-
-
-def decode_message(data: bytes) -> list[str | float]:
-    """Parse one pool message; ValueError when malformed."""
-    fields = json.loads(data)
-    if not isinstance(fields, list) or not fields:
-        raise ValueError("malformed pool message")
-    return fields
 
 
 def _parse_answer(text: str, boxed_first: bool) -> list[object]:
@@ -72,16 +48,13 @@ def _compare(answer: str, source: str, gold: str, rounding: int, precision: int)
     return (Status.CORRECT.value if same else Status.WRONG.value), ""
 
 
-def _compare_within(request: list[str | float], rounding: int, precision: int) -> tuple[str, str]:
-    """Run one comparison under the worker's soft timeout; never raises."""
-    _, answer, source, gold, timeout_s = request
+def _compare_within(fields: list[str | float], rounding: int, precision: int) -> tuple[str, str]:
+    """Run one comparison (answer, source, gold, timeout_s) under the worker's soft timeout; never raises."""
+    answer, source, gold, timeout_s = fields
     try:
-        try:
-            signal.setitimer(signal.ITIMER_REAL, float(timeout_s))
+        with soft_deadline(float(timeout_s)):
             return _compare(str(answer), str(source), str(gold), rounding, precision)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _SoftTimeout:
+    except SoftTimeout:
         return Status.TIMEOUT.value, f"comparison exceeded {float(timeout_s):g} s (soft timeout)"
     except Exception as exc:  # deliberately tolerated: reported as status error, counted by the service
         return Status.ERROR.value, f"math worker raised {type(exc).__name__}: {str(exc)[:200]}"
@@ -89,20 +62,8 @@ def _compare_within(request: list[str | float], rounding: int, precision: int) -
 
 def worker_main(conn: Connection, rounding: int, precision: int, memory_limit_mb: int) -> None:
     """Worker process body: warm up, say ready, then answer requests until told to stop or the parent is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes the pool
-    signal.signal(signal.SIGALRM, _on_alarm)
-    if memory_limit_mb > 0:
-        limit = memory_limit_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    prepare_worker(memory_limit_mb)
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every timeout we configure away
     for answer, gold in _WARM_UP:
         _compare(answer, "boxed", gold, rounding, precision)
-    conn.send_bytes(encode_message("ready"))
-    while True:
-        try:
-            request = decode_message(conn.recv_bytes())
-        except EOFError:
-            return
-        if request[0] != "verify":
-            return
-        conn.send_bytes(encode_message(*_compare_within(request, rounding, precision)))
+    serve_requests(conn, lambda fields: _compare_within(fields, rounding, precision))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from reward_service.verifiers.base import Status
 from reward_service.verifiers.function_call import (
     MAX_ANSWER_CHARS,
     CallParseError,
+    FunctionCallVerifier,
     ToolCall,
     parse_tool_calls,
     standardize_string,
@@ -484,3 +488,34 @@ def test_partial_credit_parallel_and_irrelevance() -> None:
     assert verify_function_call("No call.", [doc], None, "irrelevance", partial_credit=True).score == 4.0
     assert verify_function_call("[f(x=1)]", [doc], None, "irrelevance", partial_credit=True).score == -2.0
     assert verify_function_call("[f(x=", [doc], None, "irrelevance", partial_credit=True).score == 3.0
+
+
+class _Question:
+    """A function-call question as the verifier reads it."""
+
+    task_kind = "function_call"
+    category = "simple_python"
+    tools = [{"name": "calc", "parameters": {"type": "dict", "properties": {"a": {"type": "integer"}},
+                                             "required": ["a"]}}]  # fmt: skip
+    ground_truth = [{"calc": {"a": [1]}}]
+
+
+def test_checks_run_in_killable_worker_processes() -> None:
+    """A check runs in a worker process; one that outlives its deadline is `timeout` and its worker is killed and
+    replaced, so nothing keeps burning CPU after the answer (issue 16.6: a thread could not be stopped)."""
+    verifier = FunctionCallVerifier(workers=1)
+    try:
+        assert verifier.wait_ready(60)
+        assert verifier.check("[calc(a=1)]", _Question(), 5.0).result(30).status is Status.CORRECT
+        (pid,) = verifier.worker_pids()
+        os.kill(pid, signal.SIGSTOP)  # a check that never returns to Python: only a kill ends it
+        frozen = verifier.check("[calc(a=1)]", _Question(), 0.5).result(30)
+        assert frozen.status is Status.TIMEOUT and frozen.score == 0.0
+        deadline = time.monotonic() + 30
+        while not (verifier.worker_pids() and verifier.worker_pids() != [pid]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert verifier.worker_pids() != [pid] and verifier.worker_restarts == 1
+        assert not Path(f"/proc/{pid}").exists()  # killed and reaped, not left running
+        assert verifier.check("[calc(a=2)]", _Question(), 5.0).result(30).status is Status.WRONG  # the new worker
+    finally:
+        verifier.close()
