@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import statistics
 import time
@@ -30,6 +31,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from _common import RESULTS_DIR as RESULTS
 from _common import write_result
 from bench_generate import EXAMPLE, INSTRUCTION, QUESTION
 
@@ -152,7 +154,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="passes of the workload per mode")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the backend")
     parser.add_argument("--inflight", type=int, default=4, help="groups in flight in both modes")
+    parser.add_argument("--backends", default="hf,vllm", help="backends to measure (vllm where it imports); the "
+                        "figures of one left out are kept from the previous result file, with their date")  # fmt: skip
     args = parser.parse_args()
+    backends = set(args.backends.split(","))
     torch.set_num_threads(args.threads)
     max_rows = args.inflight * SAMPLES_PER_PROMPT
     figures: dict[str, Any] = {
@@ -170,20 +175,38 @@ def main() -> None:
         },  # fmt: skip
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
     }
-    hf = HFBackend(DEFAULT_MODEL, num_threads=args.threads, max_rows=max_rows)
-    try:
-        figures["hf"] = compare(hf, "hf", args.inflight, args.runs) | swap_pause(hf, args.runs)
-    finally:
-        hf.close()
-    vllm = build_vllm(args.threads, max_rows)
+    if "hf" in backends:
+        hf = HFBackend(DEFAULT_MODEL, num_threads=args.threads, max_rows=max_rows)
+        try:
+            figures["hf"] = compare(hf, "hf", args.inflight, args.runs) | swap_pause(hf, args.runs)
+        finally:
+            hf.close()
+    vllm = build_vllm(args.threads, max_rows) if "vllm" in backends else None
     if vllm is not None:
         try:
             figures["vllm"] = compare(vllm, "vllm", args.inflight, args.runs)
         finally:
             vllm.close()
     figures["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    figures |= _kept_from_before(figures)
     path = write_result("rollout", figures)
-    print(f"hf continuous/batch: {figures['hf']['continuous_over_batch_tokens_per_second']} -> {path}")
+    for name in ("hf", "vllm"):
+        if name in figures:
+            print(f"{name} continuous/batch: {figures[name]['continuous_over_batch_tokens_per_second']} -> {path}")
+
+
+def _kept_from_before(figures: dict[str, Any]) -> dict[str, Any]:
+    """The previous result's figures of the backends this run left out, each with the date it was measured."""
+    previous = RESULTS / "rollout.json"
+    if not previous.is_file():
+        return {}
+    old = json.loads(previous.read_text())
+    kept = {}
+    for name in ("hf", "vllm"):
+        if name not in figures and name in old.get("figures", {}):
+            earlier = old["figures"][name]
+            kept[name] = {**earlier, "measured_at": earlier.get("measured_at", old["measured_at"])}
+    return kept
 
 
 if __name__ == "__main__":
