@@ -163,7 +163,8 @@ def test_openapi_documents_every_request_body(reward_app: FastAPI, rollout_app: 
 
 def test_reward_service_schema_fuzz(reward_app: FastAPI) -> None:
     schema = schemathesis.openapi.from_asgi("/openapi.json", reward_app)
-    assert {op.ok().label for op in schema.get_all_operations()} == {"GET /health", "POST /v1/score"}
+    labels = {op.ok().label for op in schema.get_all_operations()}
+    assert labels == {"GET /health", "GET /health/deep", "POST /v1/score"}
     seen = fuzz(schema, AUTH, positive=40, negative=20)
     assert 200 in seen["POST /v1/score"] and 422 in seen["POST /v1/score"], seen  # scored some, refused some
 
