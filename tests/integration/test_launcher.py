@@ -351,6 +351,7 @@ def test_child_specs_of_the_quickstart_config(tmp_path: Path) -> None:
         assert all(item in spec.argv for item in overrides)
         assert spec.env["DIPO_REDIS__URL"] == "redis://127.0.0.1:7777/0"
         assert spec.env["PYTHONUNBUFFERED"] == "1"
+        assert spec.env["MALLOC_ARENA_MAX"] == os.environ.get("MALLOC_ARENA_MAX", "1")
     learner, rewards, rollouts = specs[0], specs[1:3], specs[3:]
     assert learner.primary and learner.stop_rank == STOP_RANK_LEARNER
     assert "--resume" not in learner.argv
