@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rollout_server.backends.base import Backend, EngineState, PromptGroup, WeightsTag
 from services.modeling.loading import DEFAULT_MODEL, load_tokenizer
 from services.protocol import Sampling
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Import into a test module to run its tests on one torch thread (the thread count is restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def save_tiny_llama(

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
+from model_factories import one_torch_thread  # noqa: F401 - an autouse fixture
 from torch import nn
 
 from learner.head import chunked_logprob_entropy, plain_logprob_entropy, response_logprobs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def inputs(dtype: torch.dtype, n: int = 37, hidden: int = 16, vocab: int = 101) -> tuple[torch.Tensor, ...]:

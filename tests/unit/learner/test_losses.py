@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
+from model_factories import one_torch_thread  # noqa: F401 - an autouse fixture
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner.advantages import group_advantages
@@ -22,15 +22,6 @@ from learner.losses import (
     token_entropy,
     truncated_is_weights,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # Ratios [[1, 1.5, 0.5], [1, 0.5, (masked)]] with A = [+1, -2]:
 #   seq 0: t0 -min(1, 1)·1 = -1;  t1 -min(1.5, 1.28) = -1.28 (clip high);  t2 -min(0.5, 0.8) = -0.5 (unclipped)

@@ -4,11 +4,11 @@ unshared forward on real (tiny and default) models."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
+from model_factories import one_torch_thread  # noqa: F401 - an autouse fixture
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner.batch import Sample
@@ -29,14 +29,6 @@ from services.modeling.loading import DEFAULT_MODEL, load_model
 
 VOCAB = 64
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(attn: str = "sdpa", dtype: torch.dtype = torch.float64, tied: bool = True) -> LlamaForCausalLM:
