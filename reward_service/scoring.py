@@ -68,6 +68,20 @@ def response_perplexities(rollout: RolloutGroup) -> np.ndarray:
     return out
 
 
+def _overlong_penalties(rollout: RolloutGroup, cfg: RewardConfig, overlong_buffer: int | None) -> np.ndarray:
+    """The soft overlong penalty of each response (DIPO_SPEC section 5); zeros when it is off or cannot apply."""
+    penalty = np.zeros(len(rollout.responses), dtype=np.float64)
+    max_len = rollout.task.sampling.max_new_tokens
+    if not cfg.overlong.enabled or max_len <= 1:  # a 1-token limit leaves no room for a soft zone
+        return penalty
+    buffer = min(overlong_buffer or max(1, max_len // 4), max_len - 1)
+    lengths = np.array([r.token_ids.size for r in rollout.responses])
+    penalty += overlong_penalty(lengths, max_len, buffer)
+    if cfg.overlong.filter_truncated:  # truncated responses are masked from the loss instead (DAPO's filter)
+        penalty[[r.finish_reason == "length" for r in rollout.responses]] = 0.0
+    return penalty
+
+
 def score_group(
     rollout: RolloutGroup,
     results: Sequence[VerifyResult],
@@ -91,14 +105,7 @@ def score_group(
     failed = np.isnan(reward)  # only possible with timeout_as_wrong=False
     reward[failed] = 0.0
 
-    max_len = rollout.task.sampling.max_new_tokens
-    if cfg.overlong.enabled and max_len > 1:  # a 1-token limit leaves no room for a soft zone
-        buffer = min(overlong_buffer or max(1, max_len // 4), max_len - 1)
-        lengths = np.array([r.token_ids.size for r in rollout.responses])
-        penalty = overlong_penalty(lengths, max_len, buffer)
-        if cfg.overlong.filter_truncated:  # truncated responses are masked from the loss instead (DAPO's filter)
-            penalty[[r.finish_reason == "length" for r in rollout.responses]] = 0.0
-        reward += penalty
+    reward += _overlong_penalties(rollout, cfg, overlong_buffer)
 
     ppl = response_perplexities(rollout)
     fit = stamp.fit if cfg.dipo.enabled else CLOSED_FIT
