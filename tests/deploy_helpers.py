@@ -27,6 +27,7 @@ COMPOSE_TLS_FILE = DEPLOY / "docker/compose.tls.yaml"
 GPU_LAYOUTS = {n: DEPLOY / f"docker/gpus/compose.{n}gpu.yaml" for n in (4, 8)}
 """GPU count -> its layout file (2 GPUs: docker-compose.yml as it is)."""
 K8S = DEPLOY / "k8s"
+DOCKERFILE = DEPLOY / "docker/Dockerfile"
 SECRET_VALUE = "secret-value"
 """What every required `${VAR:?}` secret interpolates to here."""
 
@@ -372,3 +373,13 @@ def container_env(
 def expand(text: str, env: dict[str, str]) -> str:
     """Kubernetes' `$(VAR)` expansion in a command, argument or env value (an unknown name stays as written)."""
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), text)
+
+
+def dockerfile_stages() -> dict[str, str]:
+    """The images' Dockerfile split into its stages, by stage name (every stage must be named)."""
+    stages: dict[str, str] = {}
+    for block in re.split(r"^(?=FROM )", DOCKERFILE.read_text(), flags=re.MULTILINE)[1:]:
+        match = re.match(r"FROM \S+ AS (\S+)", block)
+        assert match, f"every stage is named: {block.splitlines()[0]}"
+        stages[match.group(1)] = block
+    return stages

